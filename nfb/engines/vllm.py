@@ -1,0 +1,176 @@
+"""vLLM in-process: tensor parallel, fed continuously with a bounded window in flight.
+
+Requests go straight to `LLM.llm_engine` (add_request / step) as token ids that nfb
+rendered and length-checked itself, so no row is tokenized twice and the engine never
+waits for a batch boundary: as one request finishes, the next one is added.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from nfb.config import EngineConfig, SamplingConfig
+from nfb.engines.base import Request
+
+# vLLM logs to stdout by default; nfb keeps stdout for data.
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+    return current_platform.is_cpu()
+
+
+def _cpu_thread_binding(tp: int) -> str:
+    cores = list(range(os.cpu_count() or 1))
+    per = max(1, len(cores) // tp)
+    groups = [cores[i * per:(i + 1) * per] or cores[-1:] for i in range(tp)]
+    return "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
+
+
+def token_classifier_overrides(model: str, token: str, trust_remote_code: bool,
+                               revision: str | None = None) -> dict:
+    """hf_overrides that make vLLM read one token's logit as a 1-head classifier.
+
+    This is vLLM's own route for causal LMs used as scorers (`classifier_from_token` with
+    method `no_post_processing`): the head's weight is that token's row of lm_head.
+    """
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code,
+                                     revision=revision)
+    archs = [a.replace("ForCausalLM", "ForSequenceClassification")
+             for a in (cfg.architectures or [])]
+    if not archs or not all(a.endswith("ForSequenceClassification") for a in archs):
+        raise ValueError(f"{model}: --reward-token needs a *ForCausalLM model "
+                         f"(found {cfg.architectures})")
+    return {"architectures": archs, "classifier_from_token": [token],
+            "method": "no_post_processing", "num_labels": 1}
+
+
+class VLLMEngine:
+    """One vLLM `LLM` for a run: 'generate' for feedback, 'pooling' for score."""
+
+    def __init__(self, cfg: EngineConfig, runner: str, gpu_memory_utilization: float | None):
+        if cfg.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ \
+                and on_cpu():
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_thread_binding(cfg.tensor_parallel_size)
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = {}
+        if cfg.max_model_len:
+            kwargs["max_model_len"] = cfg.max_model_len
+        if cfg.reward_token is not None:
+            kwargs["hf_overrides"] = token_classifier_overrides(
+                cfg.model, cfg.reward_token, cfg.trust_remote_code, cfg.revision)
+        self.cfg = cfg
+        self.runner = runner
+        self.llm = LLM(
+            model=cfg.model,
+            runner=runner,
+            revision=cfg.revision,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=cfg.enforce_eager,
+            seed=cfg.seed if cfg.seed is not None else 0,
+            **kwargs,
+        )
+        self.engine = self.llm.llm_engine
+        self.tokenizer = self.llm.get_tokenizer()
+        mc = self.llm.llm_engine.model_config
+        self.max_model_len: int = mc.max_model_len
+        hf = mc.hf_config
+        self.id2label = dict(getattr(hf, "id2label", None) or {}) or None
+        self.num_heads = int(getattr(hf, "num_labels", 1) or 1) if runner == "pooling" else 0
+        self._ids = itertools.count()
+
+    # --- prompts -------------------------------------------------------------------------
+    def encode_chats(self, conversations: list[list[dict[str, str]]],
+                     add_generation_prompt: bool) -> list[list[int]]:
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False,
+                                                    add_generation_prompt=add_generation_prompt)
+                 for c in conversations]
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    # --- streaming -----------------------------------------------------------------------
+    def _stream(self, requests: Iterable[Request], params: Any,
+                can_feed: Callable[[], bool]) -> Iterator[tuple[Any, Any]]:
+        from vllm.inputs import TokensPrompt
+
+        engine = self.engine
+        window = max(1, self.cfg.max_in_flight)
+        inflight: dict[str, Any] = {}
+        source = iter(requests)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(inflight) < window and can_feed():
+                    try:
+                        key, ids = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    rid = f"nfb-{next(self._ids)}"
+                    engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), params)
+                    inflight[rid] = key
+                if not inflight:
+                    if exhausted:
+                        return
+                    continue  # the caller drained its buffer; feed again
+                for out in engine.step():
+                    if out.finished:
+                        yield inflight.pop(out.request_id), out
+        finally:
+            if inflight:  # interrupted: leave the engine clean
+                try:
+                    engine.abort_request(list(inflight))
+                except Exception:  # noqa: BLE001 - best effort during shutdown
+                    pass
+
+    def generate(self, requests: Iterable[Request], sampling: SamplingConfig,
+                 can_feed: Callable[[], bool]) -> Iterator[tuple[Any, list[str]]]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        kwargs: dict[str, Any] = {}
+        if sampling.constrain_level:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            from nfb.tasks.feedback import CONSTRAINED_REGEX
+            kwargs["structured_outputs"] = StructuredOutputsParams(regex=CONSTRAINED_REGEX)
+        params = SamplingParams(
+            n=sampling.samples,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.seed,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            **kwargs,
+        )
+        for key, out in self._stream(requests, params, can_feed):
+            yield key, [c.text for c in sorted(out.outputs, key=lambda c: c.index)]
+
+    def classify(self, requests: Iterable[Request],
+                 can_feed: Callable[[], bool]) -> Iterator[tuple[Any, list[float]]]:
+        from vllm import PoolingParams
+
+        # raw head outputs: no softmax/sigmoid on regression heads
+        params = PoolingParams(task="classify", use_activation=False)
+        for key, out in self._stream(requests, params, can_feed):
+            yield key, [float(x) for x in out.outputs.data.float().tolist()]
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001
+            pass

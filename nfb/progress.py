@@ -1,0 +1,115 @@
+"""Progress on stderr: a rich bar on a terminal, a line every 30 s in a batch log, a summary."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
+                           SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+from rich.text import Text
+
+from nfb.pipeline import RunResult
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} rows/s" if speed else "- rows/s", style="cyan")
+
+
+def _fmt_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class RichProgress:
+    """The pipeline's Progress, drawn with rich (live on a terminal, periodic lines otherwise)."""
+
+    def __init__(self, console: Console, enabled: bool = True, log_every: float = 30.0):
+        self.console = console
+        self.enabled = enabled
+        self.live = enabled and console.is_terminal
+        self.log_every = log_every
+        self._bar: Progress | None = None
+        self._task = None
+        self._total: int | None = None
+        self._done = 0
+        self._start_done = 0
+        self._t0 = 0.0
+        self._last_log = 0.0
+
+    def start(self, total: int | None, done: int) -> None:
+        self._total, self._done, self._start_done = total, done, done
+        self._t0 = self._last_log = time.monotonic()
+        if not self.enabled:
+            return
+        if done:
+            self.console.print(f"{done:,} rows already done")
+        if self.live:
+            self._bar = Progress(
+                SpinnerColumn(), TextColumn("[bold]scoring"), BarColumn(),
+                MofNCompleteColumn(), TextColumn("rows"), RateColumn(),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                console=self.console, transient=False, refresh_per_second=4)
+            self._bar.start()
+            self._task = self._bar.add_task("rows", total=total, completed=done)
+
+    def advance(self, rows: int) -> None:
+        self._done += rows
+        if self._bar is not None:
+            self._bar.update(self._task, advance=rows)
+        elif self.enabled:
+            now = time.monotonic()
+            if now - self._last_log >= self.log_every:
+                self._last_log = now
+                self.console.print(self._line(now))
+
+    def _line(self, now: float) -> str:
+        rate = (self._done - self._start_done) / max(now - self._t0, 1e-9)
+        eta = (self._total - self._done) / rate if self._total is not None and rate else None
+        total = f"/{self._total:,}" if self._total is not None else ""
+        return f"{self._done:,}{total} rows, {rate:,.1f} rows/s, eta {_fmt_eta(eta)}"
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def print_summary(console: Console, result: RunResult, task: str) -> None:
+    if result.already_done:
+        console.print(f"[green]{result.output} is already complete[/] ({result.rows:,} rows); "
+                      "nothing to do (--overwrite to run again)")
+    t = Table(title=f"nfb {task}: {result.output}", show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value", justify="right")
+    t.add_row("rows in output", f"{result.rows:,}")
+    if not result.already_done:
+        t.add_row("rows this run", f"{result.new_rows:,}")
+        if result.resumed_rows:
+            t.add_row("rows from checkpoint", f"{result.resumed_rows:,}")
+        rate = result.new_rows / result.seconds if result.seconds else 0.0
+        t.add_row("time", f"{result.seconds:,.1f} s ({rate:,.1f} rows/s)")
+    t.add_row("rows with errors", f"{result.error_rows:,}")
+    for code, n in result.errors.most_common():
+        t.add_row(f"  {code}", f"{n:,}")
+    console.print(t)
+    if task == "feedback" and (result.levels or result.rows):
+        from nfb.tasks.feedback import LABELS
+        scored = result.rows - result.error_rows
+        unparsed = scored - sum(result.levels.values())
+        h = Table(title="feedback levels", title_justify="left")
+        h.add_column("level")
+        h.add_column("rows", justify="right")
+        h.add_column("", justify="left")
+        top = max([*result.levels.values(), unparsed, 1])
+        for lv in range(1, 6):
+            n = result.levels.get(lv, 0)
+            h.add_row(f"{lv} {LABELS[lv]}", f"{n:,}", "█" * round(30 * n / top))
+        h.add_row("unparsed", f"{unparsed:,}", "█" * round(30 * unparsed / top))
+        console.print(h)

@@ -1,0 +1,96 @@
+"""Input row -> Conversation, with field mapping and row-level validation errors.
+
+A row is a dict (JSONL) or one row of an Arrow table (Parquet). Validation never raises:
+a row that cannot become a conversation yields an error code that ends in `nfb_error`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """The context (earlier turns) and the assistant response being judged or scored."""
+
+    context: tuple[dict[str, str], ...]
+    response: str
+
+    def messages(self) -> list[dict[str, str]]:
+        return [*self.context, {"role": "assistant", "content": self.response}]
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Which input fields hold the conversation."""
+
+    prompt: str = "prompt"
+    response: str = "response"
+    messages: str | None = None
+
+    @property
+    def needed(self) -> tuple[str, ...]:
+        return (self.messages,) if self.messages else (self.prompt, self.response)
+
+
+_MISSING = object()
+
+
+def _text(row_value: object, name: str) -> tuple[str | None, str | None]:
+    """(value, None) for a usable string field, else (None, error code)."""
+    if row_value is _MISSING:
+        return None, f"missing_field:{name}"
+    if row_value is None:
+        return None, f"null_field:{name}"
+    if not isinstance(row_value, str):
+        return None, f"bad_type:{name}"
+    if not row_value.strip():
+        return None, f"empty_field:{name}"
+    return row_value, None
+
+
+def _from_messages(value: object, name: str) -> tuple[Conversation | None, str | None]:
+    if value is _MISSING:
+        return None, f"missing_field:{name}"
+    if value is None:
+        return None, f"null_field:{name}"
+    if not isinstance(value, (list, tuple)):
+        return None, f"bad_messages:{name} is not a list"
+    if not value:
+        return None, f"bad_messages:{name} is empty"
+    turns: list[dict[str, str]] = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            return None, f"bad_messages:turn {i} is not an object"
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            return None, f"bad_messages:turn {i} has role {role!r}"
+        if not isinstance(content, str):
+            return None, f"bad_messages:turn {i} content is not a string"
+        if role == "system" and i != 0:
+            return None, f"bad_messages:turn {i} is a system turn after the start"
+        turns.append({"role": role, "content": content})
+    if turns[-1]["role"] != "assistant":
+        return None, "bad_messages:last turn is not from the assistant"
+    if not turns[-1]["content"].strip():
+        return None, "bad_messages:last assistant turn is empty"
+    if not any(t["role"] == "user" for t in turns[:-1]):
+        return None, "bad_messages:no user turn before the response"
+    return Conversation(tuple(turns[:-1]), turns[-1]["content"]), None
+
+
+def to_conversation(row: dict, fields: FieldMap) -> tuple[Conversation | None, str | None]:
+    """Map one input row to a Conversation, or return (None, error code)."""
+    if not isinstance(row, dict):
+        return None, "not_an_object"
+    if fields.messages:
+        return _from_messages(row.get(fields.messages, _MISSING), fields.messages)
+    prompt, err = _text(row.get(fields.prompt, _MISSING), fields.prompt)
+    if err:
+        return None, err
+    response, err = _text(row.get(fields.response, _MISSING), fields.response)
+    if err:
+        return None, err
+    return Conversation(({"role": "user", "content": prompt},), response), None

@@ -1,0 +1,83 @@
+"""The work directory beside an output: fingerprint, checkpoint parts, resume.
+
+`OUT.nfb/` holds `state.json` (fingerprint and settings of the run) and `part-*.parquet`
+files of finished rows. A run with the same fingerprint picks up where the parts end; a run
+with another fingerprint is refused unless it asks to overwrite.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow.parquet as pq
+
+STATE = "state.json"
+
+
+class ResumeError(Exception):
+    """The output or its work directory belongs to a different run."""
+
+
+def workdir_for(output: str) -> Path:
+    p = Path(output)
+    return p.with_name(p.name + ".nfb")
+
+
+class WorkDir:
+    def __init__(self, output: str):
+        self.path = workdir_for(output)
+
+    @property
+    def exists(self) -> bool:
+        return (self.path / STATE).exists()
+
+    def state(self) -> dict | None:
+        try:
+            return orjson.loads((self.path / STATE).read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def open(self, fingerprint: str, state: dict, overwrite: bool) -> None:
+        """Start or resume: create the directory, or check that it is this run's."""
+        if self.path.exists():
+            old = self.state()
+            if overwrite or old is None:
+                self.remove()
+            elif old.get("fingerprint") != fingerprint:
+                raise ResumeError(
+                    f"{self.path} holds an unfinished run with other settings "
+                    f"(model {old.get('model')!r}, started {old.get('started')}). Run that "
+                    "command again to finish it, or add --overwrite to start this one over.")
+            else:
+                return
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / f".{STATE}.tmp"
+        tmp.write_bytes(orjson.dumps({"fingerprint": fingerprint, **state},
+                                     option=orjson.OPT_INDENT_2))
+        os.replace(tmp, self.path / STATE)
+
+    def parts(self) -> list[Path]:
+        """Finished parts in row order (temporary files of an interrupted write are ignored)."""
+        return sorted(self.path.glob("part-*.parquet"))
+
+    def done_rows(self, row_column: str) -> np.ndarray:
+        """A boolean mask: done[r] is True when row r is in a finished part."""
+        rows = [pq.read_table(p, columns=[row_column]).column(0).to_numpy()
+                for p in self.parts()]
+        if not rows:
+            return np.zeros(0, dtype=bool)
+        allrows = np.concatenate(rows)
+        done = np.zeros(int(allrows.max()) + 1 if len(allrows) else 0, dtype=bool)
+        done[allrows] = True
+        return done
+
+    def clean_temporaries(self) -> None:
+        for p in self.path.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

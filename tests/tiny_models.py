@@ -1,0 +1,97 @@
+"""Tiny random Llama models with a Llama-3 style tokenizer and chat template, built offline.
+
+Used by the tests and benchmarks: real vLLM runs on them in seconds on a CPU, so every code
+path (chat template, tensor parallel, pooling heads) is exercised without real weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+           "<|eot_id|>", "<|pad|>"]
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] "
+    "| trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+
+_CORPUS = (
+    "The response is not helpful. The response is slightly helpful. The response is partially "
+    "helpful. The response is mostly helpful. The response is perfectly helpful. "
+    "Evaluate the response to the previous prompt in terms of how helpful it is overall. "
+    "Write a poem about the sea. Explain photosynthesis to a child. What is the capital of "
+    "France? Paris is the capital of France. Plants use sunlight to make sugar from water and "
+    "air. The quick brown fox jumps over the lazy dog. 0123456789 user assistant system "
+    "Héllo wörld ñ 漢字 😀 — “quotes” "
+)
+
+
+def build_tokenizer(out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        pad_token="<|pad|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def _config(tok, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, torch_dtype="float32",
+        **extra)
+
+
+def build_causal_lm(out: Path, seed: int = 0) -> Path:
+    """A random LlamaForCausalLM (feedback model, and the token-logit reward route)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out = Path(out)
+    tok = build_tokenizer(out)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_config(tok))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_reward_model(out: Path, num_labels: int = 9, seed: int = 0,
+                       id2label: dict[int, str] | None = None) -> Path:
+    """A random LlamaForSequenceClassification with `num_labels` regression heads."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    out = Path(out)
+    tok = build_tokenizer(out)
+    torch.manual_seed(seed)
+    extra = {"num_labels": num_labels, "problem_type": "regression"}
+    if id2label:
+        extra["id2label"] = id2label
+        extra["label2id"] = {v: k for k, v in id2label.items()}
+    model = LlamaForSequenceClassification(_config(tok, **extra))
+    with torch.no_grad():  # spread the head so the heads differ visibly
+        model.score.weight.normal_(0, 1.0)
+    model.save_pretrained(out, safe_serialization=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForSequenceClassification"]
+    return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -92,6 +91,9 @@ EnforceEager = Annotated[bool, typer.Option(help="Disable CUDA graphs / compilat
 MaxInFlight = Annotated[int, typer.Option(
     min=1, help="Requests kept in flight in the engine (bounds memory; the engine batches "
     "within it).", rich_help_panel="Engine")]
+BatchRows = Annotated[int, typer.Option(
+    min=1, help="Rows read, validated and tokenized together; also the smallest unit written "
+    "to a checkpoint.", rich_help_panel="Engine")]
 Prefix = Annotated[str, typer.Option(
     help="Prefix for every column nfb adds, e.g. 'rm_' when the input already has them.",
     rich_help_panel="Output")]
@@ -114,7 +116,7 @@ def _common_config(task: str, inputs: list[str], output: str, *, model: str,
                    tensor_parallel_size: int, max_model_len: int | None, dtype: str,
                    trust_remote_code: bool, enforce_eager: bool, max_in_flight: int,
                    prefix: str, overwrite: bool, strict: bool, checkpoint_every: float,
-                   seed: int | None = None, reward_token: str | None = None, **extra):
+                   batch_rows: int = 256, seed: int | None = None, reward_token: str | None = None, **extra):
     """Validate everything that needs no model; raise ConfigError/InputError."""
     from nfb.config import ConfigError, EngineConfig, RunConfig, Shard
     from nfb.io.readers import resolve_inputs
@@ -144,7 +146,8 @@ def _common_config(task: str, inputs: list[str], output: str, *, model: str,
         task=task, inputs=tuple(files), output=output, engine=engine,
         fields=FieldMap(prompt_field, response_field, messages_field),
         limit=limit, shard=Shard.parse(shard) if shard else None, prefix=prefix,
-        overwrite=overwrite, strict=strict, checkpoint_seconds=checkpoint_every, **extra)
+        overwrite=overwrite, strict=strict, checkpoint_seconds=checkpoint_every,
+        batch_rows=batch_rows, **extra)
 
 
 def _resolve_model_alias(model: str) -> str:
@@ -152,6 +155,16 @@ def _resolve_model_alias(model: str) -> str:
         from nfb.demo import demo_model_dir
         return str(demo_model_dir())
     return model
+
+
+def make_engine(engine_cfg, runner: str, gpu_memory_utilization: float | None):
+    """Start the vLLM engine (the only place the CLI loads a model)."""
+    from nfb.engines.vllm import VLLMEngine, on_cpu
+
+    mem = gpu_memory_utilization
+    if mem is None:
+        mem = 0.2 if on_cpu() else 0.9
+    return VLLMEngine(engine_cfg, runner, mem)
 
 
 def _execute(cfg, task, gpu_memory_utilization: float | None, quiet: bool) -> None:
@@ -164,11 +177,8 @@ def _execute(cfg, task, gpu_memory_utilization: float | None, quiet: bool) -> No
     from nfb.workdir import ResumeError
 
     def factory():
-        from nfb.engines.vllm import VLLMEngine, on_cpu
-        mem = gpu_memory_utilization
-        if mem is None:
-            mem = 0.2 if on_cpu() else 0.9
-        return VLLMEngine(cfg.engine, "generate" if cfg.task == "feedback" else "pooling", mem)
+        return make_engine(cfg.engine, "generate" if cfg.task == "feedback" else "pooling",
+                           gpu_memory_utilization)
 
     progress = RichProgress(err, enabled=not quiet)
     try:
@@ -237,6 +247,7 @@ def feedback(
     trust_remote_code: TrustRemote = False,
     enforce_eager: EnforceEager = False,
     max_in_flight: MaxInFlight = 1024,
+    batch_rows: BatchRows = 256,
     limit: Limit = None,
     shard: ShardOpt = None,
     prefix: Prefix = "",
@@ -262,7 +273,7 @@ def feedback(
         tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, dtype=dtype,
         trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
         max_in_flight=max_in_flight, prefix=prefix, overwrite=overwrite, strict=strict,
-        checkpoint_every=checkpoint_every, seed=seed, sampling=sampling))
+        checkpoint_every=checkpoint_every, batch_rows=batch_rows, seed=seed, sampling=sampling))
     _guard(lambda: _check_context(cfg, max_tokens))
     _execute(cfg, FeedbackTask(sampling), gpu_memory_utilization, quiet)
 
@@ -283,6 +294,9 @@ def _check_context(cfg, max_tokens: int) -> None:
 
 # --- entry point ----------------------------------------------------------------------------
 def main() -> None:
+    # vLLM's INFO lines drown the progress bar; NFB_VERBOSE=1 (or VLLM_LOGGING_LEVEL) shows them
+    if not os.environ.get("NFB_VERBOSE"):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         app()
     except BrokenPipeError:  # `nfb ... -o - | head`

@@ -86,7 +86,7 @@ class RunConfig:
     limit: int | None = None
     shard: Shard | None = None
     overwrite: bool = False
-    batch_rows: int = 1024          # rows read per chunk
+    batch_rows: int = 256           # rows read per chunk
     part_rows: int = 50_000         # rows per checkpoint part, at most
     checkpoint_seconds: float = 30.0
     strict: bool = False            # exit 3 when some rows ended with errors

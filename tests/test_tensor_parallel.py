@@ -1,0 +1,18 @@
+"""Tensor parallel 2 (on CPU: two worker processes) gives the same greedy output as 1."""
+
+import pyarrow.parquet as pq
+from conftest import sample_rows, write_jsonl
+
+FAST = ["--max-tokens", "16", "--temperature", "0", "--dtype", "float32"]
+
+
+def test_tp2_equals_tp1(cli, models, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", sample_rows(24))
+    outs = {}
+    for tp in ("1", "2"):
+        out = tmp_path / f"tp{tp}.parquet"
+        r = cli("feedback", src, "-o", out, "--model", models["causal"], "-tp", tp, *FAST)
+        assert r.exit_code == 0, r.output
+        outs[tp] = pq.read_table(out)
+    assert outs["1"].column("feedback").to_pylist() == outs["2"].column("feedback").to_pylist()
+    assert outs["2"].column("nfb_error").null_count == 24

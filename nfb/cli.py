@@ -292,6 +292,102 @@ def _check_context(cfg, max_tokens: int) -> None:
                           f"{ctx}-token context: lower it, or raise --max-model-len")
 
 
+# --- score ----------------------------------------------------------------------------------
+@app.command(no_args_is_help=True)
+def score(
+    inputs: Inputs,
+    output: Output,
+    model: Annotated[str, typer.Option(
+        help="Reward model in Hugging Face format: a *ForSequenceClassification model (one "
+             "regression head per attribute, or one for a scalar reward), or a causal LM with "
+             "--reward-token.", rich_help_panel="Model", show_default=False)],
+    weights: Annotated[Optional[str], typer.Option(
+        help="How attributes combine into `reward`: a preset (llama3-70b-steerlm, "
+             "nemotron-4-340b), one weight per head ('0,0,0,0,0.65,0.8,0.45,0.55,-0.4'), or "
+             "name=value pairs ('helpfulness=1,verbosity=-0.3'; unnamed heads weigh 0). "
+             "Default for the 9 SteerLM heads: llama3-70b-steerlm.",
+        rich_help_panel="Reward")] = None,
+    attributes: Annotated[Optional[str], typer.Option(
+        help="Comma list naming the heads, in order (default: the config's id2label, or the "
+             "SteerLM names for 9 heads).", rich_help_panel="Reward")] = None,
+    reward_token: Annotated[Optional[str], typer.Option(
+        help="Score with a causal LM: the reward is the raw logit of this token (a token "
+             "string, or a token id such as 0 for Llama-3.1-Nemotron-70B-Reward-HF) after the "
+             "conversation (vLLM's classifier_from_token).", rich_help_panel="Reward")] = None,
+    revision: Revision = None,
+    prompt_field: PromptField = "prompt",
+    response_field: ResponseField = "response",
+    messages_field: MessagesField = None,
+    tensor_parallel_size: TP = 1,
+    max_model_len: MaxModelLen = None,
+    gpu_memory_utilization: GpuMem = None,
+    dtype: Dtype = "auto",
+    trust_remote_code: TrustRemote = False,
+    enforce_eager: EnforceEager = False,
+    max_in_flight: MaxInFlight = 1024,
+    batch_rows: BatchRows = 256,
+    limit: Limit = None,
+    shard: ShardOpt = None,
+    prefix: Prefix = "",
+    overwrite: Overwrite = False,
+    strict: Strict = False,
+    checkpoint_every: CheckpointEvery = 30.0,
+    quiet: Quiet = False,
+) -> None:
+    """Score each conversation with a reward model: one column per attribute, plus `reward`.
+
+    Adds nfb_row, nfb_error, one float column per head (e.g. helpfulness ... verbosity) and
+    reward (the weighted sum; for a scalar model, its output).
+    """
+    attrs = [a.strip() for a in attributes.split(",")] if attributes else None
+    cfg = _guard(lambda: _common_config(
+        "score", inputs, output, model=model, revision=revision, prompt_field=prompt_field,
+        response_field=response_field, messages_field=messages_field, limit=limit, shard=shard,
+        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, dtype=dtype,
+        trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
+        max_in_flight=max_in_flight, prefix=prefix, overwrite=overwrite, strict=strict,
+        checkpoint_every=checkpoint_every, batch_rows=batch_rows, reward_token=reward_token,
+        weights=weights, attributes=tuple(attrs) if attrs else None))
+    task = _guard(lambda: build_score_task(cfg, weights, attrs))
+    _execute(cfg, task, gpu_memory_utilization, quiet)
+
+
+def build_score_task(cfg, weights: str | None, attrs: list[str] | None):
+    """Read the model's heads from its config and fit --weights/--attributes to them."""
+    from nfb.config import ConfigError
+    from nfb.modelinfo import read_model_info
+    from nfb.tasks.reward import (STEERLM_ATTRIBUTES, ScoreTask, attribute_names,
+                                  parse_weights, resolve_weights)
+
+    parsed = parse_weights(weights) if weights else None
+    info = read_model_info(cfg.engine.model, cfg.engine.revision, cfg.engine.trust_remote_code)
+    if cfg.engine.reward_token is not None:
+        if info.is_classifier:
+            raise ConfigError("--reward-token is for causal LMs; this model already has a "
+                              "classification head")
+        heads = 1
+    elif not info.is_classifier:
+        raise ConfigError(
+            f"{cfg.engine.model} is not a sequence-classification reward model "
+            f"({', '.join(info.architectures) or 'unknown architecture'}). For a causal LM "
+            "whose reward is one token's logit (e.g. Llama-3.1-Nemotron-70B-Reward-HF), pass "
+            "--reward-token; for a feedback model use `nfb feedback`.")
+    else:
+        heads = info.num_heads
+    if heads == 1:
+        if parsed is not None or attrs:
+            raise ConfigError("this model has a single output, which is the reward itself: "
+                              "--weights and --attributes do not apply")
+        return ScoreTask(None, None)
+    names = attribute_names(heads, info.id2label, attrs)
+    if parsed is None:
+        if tuple(names) != STEERLM_ATTRIBUTES:
+            raise ConfigError(f"this model has {heads} heads ({', '.join(names)}): say how they "
+                              "combine into `reward` with --weights")
+        parsed = parse_weights("llama3-70b-steerlm")
+    return ScoreTask(names, resolve_weights(parsed, names))
+
+
 # --- entry point ----------------------------------------------------------------------------
 def main() -> None:
     # vLLM's INFO lines drown the progress bar; NFB_VERBOSE=1 (or VLLM_LOGGING_LEVEL) shows them

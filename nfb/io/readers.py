@@ -160,7 +160,7 @@ def _jsonl_chunks(path: str, start: int, batch_rows: int) -> Iterator[Chunk]:
         while True:
             try:
                 line = fh.readline()
-            except (EOFError, OSError, zlib.error) as e:
+            except (EOFError, OSError, zlib.error):
                 # a truncated or corrupt compressed stream: keep what was read, then one
                 # error row says where the file broke off
                 rows.append({})

@@ -113,10 +113,10 @@ class OutputWriter:
     def write(self, table: pa.Table) -> None:
         if len(table) == 0:
             return
-        table = conform(table, self.schema)
         if self._pq is not None:
+            table = conform(table, self.schema)
             self._pq.write_table(table, row_group_size=64 * 1024)
-        else:
+        else:  # JSONL has no schema to hold: each row keeps its own values
             for line in jsonl_lines(table):
                 self._fh.write(line)
             if self._tmp is None:

@@ -1,0 +1,112 @@
+"""`nfb merge`: join shard outputs (`--shard I/N`) into one output in input order.
+
+Each shard file is sorted by `nfb_row`; a streaming k-way merge interleaves them with one
+batch per file in memory. Outputs from different models or settings are refused, as are
+missing or repeated shards and repeated rows. The merged file carries the fingerprint of the
+unsharded run, so the same command without --shard sees it as complete.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from nfb.io.scored import iter_tables, metadata, schema_names, unified_schema
+from nfb.io.writers import OutputWriter
+from nfb.io.arrow import conform, unify_schemas
+
+
+class MergeError(Exception):
+    """The inputs are not shards of one run (exit 2)."""
+
+
+def check_shards(files: list[str]) -> tuple[dict, str]:
+    metas = [metadata(f) for f in files]
+    for f, m in zip(files, metas):
+        if not m.get("settings_fingerprint"):
+            raise MergeError(f"{f} has no nfb provenance: not an nfb output")
+    first = metas[0]
+    for f, m in zip(files[1:], metas[1:]):
+        if m["settings_fingerprint"] != first["settings_fingerprint"]:
+            diff = [k for k in ("model", "task", "sampling", "weights", "prompt", "fields",
+                                "inputs", "limit", "prefix") if m.get(k) != first.get(k)]
+            raise MergeError(f"{f} was made with other settings than {files[0]} "
+                             f"(differs in: {', '.join(diff) or 'input files'}); nfb merges "
+                             "shards of one run only")
+    shards = [m.get("shard") for m in metas]
+    if any(s is None for s in shards):
+        if len(files) > 1:
+            raise MergeError("only outputs of --shard I/N runs can be merged "
+                             f"({files[shards.index(None)]} is not a shard)")
+    else:
+        counts = {int(s.split("/")[1]) for s in shards}
+        if len(counts) != 1:
+            raise MergeError(f"the shards split the input differently: {', '.join(shards)}")
+        n = counts.pop()
+        seen = Counter(int(s.split("/")[0]) for s in shards)
+        twice = [f"{i}/{n}" for i, c in seen.items() if c > 1]
+        if twice:
+            raise MergeError(f"shard {', '.join(twice)} is given twice")
+        missing = [f"{i}/{n}" for i in range(n) if i not in seen]
+        if missing:
+            raise MergeError(f"missing shard(s) {', '.join(missing)}")
+    return first, (first.get("prefix") or "") + "nfb_row"
+
+
+def _kway(sources: list[Iterator[pa.Table]], row_col: str) -> Iterator[pa.Table]:
+    heads: list[pa.Table | None] = [next(s, None) for s in sources]
+    while True:
+        live = [i for i, h in enumerate(heads) if h is not None]
+        if not live:
+            return
+        cutoff = min(heads[i].column(row_col)[-1].as_py() for i in live)
+        taken = []
+        for i in live:
+            t = heads[i]
+            rows = t.column(row_col).to_numpy()
+            k = int(np.searchsorted(rows, cutoff, side="right"))
+            if k:
+                taken.append(t.slice(0, k))
+            rest = t.slice(k)
+            while rest is not None and len(rest) == 0:
+                rest = next(sources[i], None)
+            heads[i] = rest
+        schema = unify_schemas(t.schema for t in taken)
+        merged = pa.concat_tables([conform(t, schema) for t in taken])
+        yield merged.take(pc.sort_indices(merged, [(row_col, "ascending")]))
+
+
+def merge_outputs(files: list[str], output: str) -> int:
+    meta, row_col = check_shards(files)
+    for f in files:
+        if row_col not in schema_names(f):
+            raise MergeError(f"{f} has no {row_col} column")
+    summary = {"rows": 0, "error_rows": 0, "errors": Counter(), "levels": Counter()}
+    for f in files:
+        s = metadata(f).get("summary") or {}
+        summary["rows"] += s.get("rows", 0)
+        summary["error_rows"] += s.get("error_rows", 0)
+        summary["errors"].update(s.get("errors", {}))
+        summary["levels"].update(s.get("levels", {}))
+    out_meta = dict(meta, shard=None, fingerprint=meta["settings_fingerprint"],
+                    merged_from=files, summary={**summary, "errors": dict(summary["errors"]),
+                                                "levels": dict(summary["levels"])})
+    writer = OutputWriter(output, unified_schema(files), out_meta)
+    last = -1
+    try:
+        for t in _kway([iter_tables(f) for f in files], row_col):
+            rows = t.column(row_col).to_numpy()
+            if rows[0] <= last or (len(rows) > 1 and np.any(np.diff(rows) <= 0)):
+                raise MergeError(f"row {int(rows[0])} appears twice or out of order; "
+                                 "are these shards of one run?")
+            last = int(rows[-1])
+            writer.write(t)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.rows

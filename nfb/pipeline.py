@@ -54,7 +54,8 @@ class RunResult:
     resumed_rows: int = 0             # rows found done in the work directory
     errors: Counter = field(default_factory=Counter)   # error code -> rows
     levels: Counter = field(default_factory=Counter)   # feedback level -> rows
-    seconds: float = 0.0
+    seconds: float = 0.0              # wall time of this invocation
+    load_seconds: float = 0.0         # of which: starting the engine (loading the model)
     already_done: bool = False
 
     @property
@@ -341,7 +342,9 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
         progress.advance(len(table))
 
     collector = Collector(task, cfg.prefix, emit_and_report, result)
+    t_load = time.monotonic()
     engine = engine_factory()
+    result.load_seconds = time.monotonic() - t_load
     try:
         budget = task.prompt_budget(engine.max_model_len)
         if budget <= 0:

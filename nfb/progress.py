@@ -93,8 +93,10 @@ def print_summary(console: Console, result: RunResult, task: str) -> None:
         t.add_row("rows this run", f"{result.new_rows:,}")
         if result.resumed_rows:
             t.add_row("rows from checkpoint", f"{result.resumed_rows:,}")
-        rate = result.new_rows / result.seconds if result.seconds else 0.0
-        t.add_row("time", f"{result.seconds:,.1f} s ({rate:,.1f} rows/s)")
+        work = result.seconds - result.load_seconds
+        rate = result.new_rows / work if work > 0 else 0.0
+        t.add_row("model load", f"{result.load_seconds:,.1f} s")
+        t.add_row("scoring", f"{work:,.1f} s ({rate:,.1f} rows/s)")
     t.add_row("rows with errors", f"{result.error_rows:,}")
     for code, n in result.errors.most_common():
         t.add_row(f"  {code}", f"{n:,}")

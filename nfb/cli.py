@@ -94,6 +94,18 @@ MaxInFlight = Annotated[int, typer.Option(
 BatchRows = Annotated[int, typer.Option(
     min=1, help="Rows read, validated and tokenized together; also the smallest unit written "
     "to a checkpoint.", rich_help_panel="Engine")]
+EngineOpt = Annotated[str, typer.Option(
+    "--engine", help="Where vLLM runs: 'vllm' in this process, or 'ray' (Ray Data LLM: vLLM "
+    "replicas on a Ray cluster; pip install 'nfb[ray]').", rich_help_panel="Engine")]
+RayAddress = Annotated[Optional[str], typer.Option(
+    help="Ray cluster to join (e.g. ray://head:10001 or auto); default: a local Ray.",
+    rich_help_panel="Engine")]
+Replicas = Annotated[int, typer.Option(
+    min=1, help="With --engine ray: vLLM replicas, each with --tensor-parallel-size GPUs.",
+    rich_help_panel="Engine")]
+RayBlockRows = Annotated[int, typer.Option(
+    min=1, help="With --engine ray: rows per Ray Data job (engines start once per job).",
+    rich_help_panel="Engine")]
 Prefix = Annotated[str, typer.Option(
     help="Prefix for every column nfb adds, e.g. 'rm_' when the input already has them.",
     rich_help_panel="Output")]
@@ -117,7 +129,9 @@ def _common_config(task: str, inputs: list[str], output: str, *, model: str,
                    trust_remote_code: bool, enforce_eager: bool, max_in_flight: int,
                    prefix: str, overwrite: bool, strict: bool, checkpoint_every: float,
                    batch_rows: int = 256, seed: int | None = None,
-                   reward_token: str | None = None, **extra):
+                   reward_token: str | None = None, engine: str = "vllm",
+                   ray_address: str | None = None, replicas: int = 1,
+                   ray_block_rows: int = 100_000, **extra):
     """Validate everything that needs no model; raise ConfigError/InputError."""
     from nfb.config import ConfigError, EngineConfig, RunConfig, Shard
     from nfb.io.readers import resolve_inputs
@@ -133,18 +147,26 @@ def _common_config(task: str, inputs: list[str], output: str, *, model: str,
         raise ConfigError(f"--prefix {prefix!r}: use letters, digits, '_', '-' or '.'")
     if dtype not in ("auto", "bfloat16", "float16", "float32", "half", "float"):
         raise ConfigError(f"--dtype {dtype!r}: use auto, bfloat16, float16 or float32")
+    if engine not in ("vllm", "ray"):
+        raise ConfigError(f"--engine {engine!r}: use vllm or ray")
+    if engine == "ray":
+        from nfb.engines.ray import check_ray
+        check_ray()
+    elif ray_address or replicas != 1:
+        raise ConfigError("--ray-address and --replicas go with --engine ray")
     model = _resolve_model_alias(model)
     check_model_path(model)
     files = resolve_inputs(inputs)
     if output != "-" and any(os.path.abspath(f) == os.path.abspath(output) for f in files):
         raise ConfigError(f"the output {output} is also an input")
-    engine = EngineConfig(
+    engine_cfg = EngineConfig(
         model=model, revision=revision, tensor_parallel_size=tensor_parallel_size,
         max_model_len=max_model_len, dtype=dtype, trust_remote_code=trust_remote_code,
         enforce_eager=enforce_eager, seed=seed, reward_token=reward_token,
-        max_in_flight=max_in_flight)
+        max_in_flight=max_in_flight, backend=engine, ray_address=ray_address,
+        replicas=replicas, ray_block_rows=ray_block_rows)
     return RunConfig(
-        task=task, inputs=tuple(files), output=output, engine=engine,
+        task=task, inputs=tuple(files), output=output, engine=engine_cfg,
         fields=FieldMap(prompt_field, response_field, messages_field),
         limit=limit, shard=Shard.parse(shard) if shard else None, prefix=prefix,
         overwrite=overwrite, strict=strict, checkpoint_seconds=checkpoint_every,
@@ -159,12 +181,15 @@ def _resolve_model_alias(model: str) -> str:
 
 
 def make_engine(engine_cfg, runner: str, gpu_memory_utilization: float | None):
-    """Start the vLLM engine (the only place the CLI loads a model)."""
+    """Start the engine (the only place the CLI loads a model)."""
     from nfb.engines.vllm import VLLMEngine, on_cpu
 
     mem = gpu_memory_utilization
     if mem is None:
         mem = 0.2 if on_cpu() else 0.9
+    if engine_cfg.backend == "ray":
+        from nfb.engines.ray import RayEngine
+        return RayEngine(engine_cfg, runner, mem)
     return VLLMEngine(engine_cfg, runner, mem)
 
 
@@ -249,6 +274,10 @@ def feedback(
     enforce_eager: EnforceEager = False,
     max_in_flight: MaxInFlight = 1024,
     batch_rows: BatchRows = 256,
+    engine: EngineOpt = "vllm",
+    ray_address: RayAddress = None,
+    replicas: Replicas = 1,
+    ray_block_rows: RayBlockRows = 100_000,
     limit: Limit = None,
     shard: ShardOpt = None,
     prefix: Prefix = "",
@@ -266,6 +295,9 @@ def feedback(
 
     if top_p <= 0:
         raise _fail("--top-p must be above 0", EXIT_USAGE)
+    if engine == "ray" and samples > 1:
+        raise _fail("--samples > 1 is not available with --engine ray: Ray Data LLM returns one "
+                    "sample per request", EXIT_USAGE)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                               seed=seed, samples=samples, constrain_level=constrain_level)
     cfg = _guard(lambda: _common_config(
@@ -274,7 +306,9 @@ def feedback(
         tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, dtype=dtype,
         trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
         max_in_flight=max_in_flight, prefix=prefix, overwrite=overwrite, strict=strict,
-        checkpoint_every=checkpoint_every, batch_rows=batch_rows, seed=seed, sampling=sampling))
+        checkpoint_every=checkpoint_every, batch_rows=batch_rows, seed=seed, sampling=sampling,
+        engine=engine, ray_address=ray_address, replicas=replicas,
+        ray_block_rows=ray_block_rows))
     _guard(lambda: _check_context(cfg, max_tokens))
     _execute(cfg, FeedbackTask(sampling), gpu_memory_utilization, quiet)
 
@@ -327,6 +361,10 @@ def score(
     enforce_eager: EnforceEager = False,
     max_in_flight: MaxInFlight = 1024,
     batch_rows: BatchRows = 256,
+    engine: EngineOpt = "vllm",
+    ray_address: RayAddress = None,
+    replicas: Replicas = 1,
+    ray_block_rows: RayBlockRows = 100_000,
     limit: Limit = None,
     shard: ShardOpt = None,
     prefix: Prefix = "",
@@ -348,6 +386,8 @@ def score(
         trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
         max_in_flight=max_in_flight, prefix=prefix, overwrite=overwrite, strict=strict,
         checkpoint_every=checkpoint_every, batch_rows=batch_rows, reward_token=reward_token,
+        engine=engine, ray_address=ray_address, replicas=replicas,
+        ray_block_rows=ray_block_rows,
         weights=weights, attributes=tuple(attrs) if attrs else None))
     task = _guard(lambda: build_score_task(cfg, weights, attrs))
     _execute(cfg, task, gpu_memory_utilization, quiet)

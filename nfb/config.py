@@ -37,6 +37,11 @@ class EngineConfig:
     reward_token: str | None = None
     # requests kept in flight in the engine
     max_in_flight: int = 1024
+    # where the engine runs: "vllm" in-process, or "ray" (Ray Data LLM over a cluster)
+    backend: str = "vllm"
+    ray_address: str | None = None
+    replicas: int = 1
+    ray_block_rows: int = 100_000
 
     def result_key(self) -> dict:
         return {"model": self.model, "revision": self.revision, "dtype": self.dtype,

@@ -71,7 +71,13 @@ def cli(monkeypatch):
 
     import nfb.cli
 
-    monkeypatch.setattr(nfb.cli, "make_engine", lambda cfg, runner, mem: shared_engine(cfg, runner))
+    real = nfb.cli.make_engine
+
+    def make(cfg, runner, mem):
+        if cfg.backend != "vllm":  # Ray runs its own engines in its workers
+            return real(cfg, runner, 0.2)
+        return shared_engine(cfg, runner)
+    monkeypatch.setattr(nfb.cli, "make_engine", make)
     runner = CliRunner()
 
     def invoke(*args, input=None):

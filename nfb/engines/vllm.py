@@ -55,6 +55,48 @@ def token_classifier_overrides(model: str, token: str, trust_remote_code: bool,
             "method": "no_post_processing", "num_labels": 1}
 
 
+def render_chats(tokenizer, conversations: list[list[dict[str, str]]],
+                 add_generation_prompt: bool) -> list[list[int]]:
+    """Token ids of each conversation through the chat template, as `LLM.chat` renders them
+    (template to text, then one batched encode without extra special tokens)."""
+    texts = [tokenizer.apply_chat_template(c, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt)
+             for c in conversations]
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
+    """SamplingParams arguments for a feedback run (shared by the in-process and Ray engines)."""
+    kwargs: dict[str, Any] = dict(temperature=sampling.temperature, top_p=sampling.top_p,
+                                  max_tokens=sampling.max_tokens, seed=sampling.seed)
+    if sampling.constrain_level:
+        from nfb.tasks.feedback import CONSTRAINED_REGEX
+        kwargs["structured_outputs"] = {"regex": CONSTRAINED_REGEX}
+    return kwargs
+
+
+def engine_kwargs(cfg: EngineConfig, runner: str, gpu_memory_utilization: float) -> dict:
+    """vLLM engine arguments for `cfg` (shared by the in-process and Ray engines)."""
+    kwargs: dict[str, Any] = dict(
+        revision=cfg.revision, tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
+        seed=cfg.seed if cfg.seed is not None else 0)
+    if cfg.max_model_len:
+        kwargs["max_model_len"] = cfg.max_model_len
+    if runner == "generate" and on_cpu():
+        # vLLM's CPU worker cannot rewind a seeded request's generator when a prompt's
+        # prefill is split over steps ("CPU Generator does not use offset"); whole
+        # prefills avoid it. GPUs keep chunked prefill.
+        kwargs["enable_chunked_prefill"] = False
+    if cfg.reward_token is not None:
+        kwargs["hf_overrides"] = token_classifier_overrides(
+            cfg.model, cfg.reward_token, cfg.trust_remote_code, cfg.revision)
+    return kwargs
+
+
 class VLLMEngine:
     """One vLLM `LLM` for a run: 'generate' for feedback, 'pooling' for score."""
 
@@ -64,31 +106,10 @@ class VLLMEngine:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_thread_binding(cfg.tensor_parallel_size)
         from vllm import LLM
 
-        kwargs: dict[str, Any] = {}
-        if cfg.max_model_len:
-            kwargs["max_model_len"] = cfg.max_model_len
-        if runner == "generate" and on_cpu():
-            # vLLM's CPU worker cannot rewind a seeded request's generator when a prompt's
-            # prefill is split over steps ("CPU Generator does not use offset"); whole
-            # prefills avoid it. GPUs keep chunked prefill.
-            kwargs["enable_chunked_prefill"] = False
-        if cfg.reward_token is not None:
-            kwargs["hf_overrides"] = token_classifier_overrides(
-                cfg.model, cfg.reward_token, cfg.trust_remote_code, cfg.revision)
         self.cfg = cfg
         self.runner = runner
-        self.llm = LLM(
-            model=cfg.model,
-            runner=runner,
-            revision=cfg.revision,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            dtype=cfg.dtype,
-            trust_remote_code=cfg.trust_remote_code,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=cfg.enforce_eager,
-            seed=cfg.seed if cfg.seed is not None else 0,
-            **kwargs,
-        )
+        self.llm = LLM(model=cfg.model, runner=runner,
+                       **engine_kwargs(cfg, runner, gpu_memory_utilization))
         self.engine = self.llm.llm_engine
         self.tokenizer = self.llm.get_tokenizer()
         mc = self.llm.llm_engine.model_config
@@ -101,12 +122,7 @@ class VLLMEngine:
     # --- prompts -------------------------------------------------------------------------
     def encode_chats(self, conversations: list[list[dict[str, str]]],
                      add_generation_prompt: bool) -> list[list[int]]:
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False,
-                                                    add_generation_prompt=add_generation_prompt)
-                 for c in conversations]
-        if not texts:
-            return []
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return render_chats(self.tokenizer, conversations, add_generation_prompt)
 
     # --- streaming -----------------------------------------------------------------------
     def _stream(self, requests: Iterable[Request], params: Any,
@@ -146,23 +162,13 @@ class VLLMEngine:
     def generate(self, requests: Iterable[Request], sampling: SamplingConfig,
                  can_feed: Callable[[], bool]) -> Iterator[tuple[Any, list[str]]]:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        kwargs: dict[str, Any] = {}
-        if sampling.constrain_level:
-            from vllm.sampling_params import StructuredOutputsParams
-
-            from nfb.tasks.feedback import CONSTRAINED_REGEX
-            kwargs["structured_outputs"] = StructuredOutputsParams(regex=CONSTRAINED_REGEX)
-        params = SamplingParams(
-            n=sampling.samples,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            seed=sampling.seed,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-            **kwargs,
-        )
+        kwargs = sampling_kwargs(sampling)
+        if "structured_outputs" in kwargs:
+            kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
+        params = SamplingParams(n=sampling.samples, output_kind=RequestOutputKind.FINAL_ONLY,
+                                **kwargs)
         for key, out in self._stream(requests, params, can_feed):
             yield key, [c.text for c in sorted(out.outputs, key=lambda c: c.index)]
 

@@ -122,6 +122,18 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or s
                                      rich_help_panel="Output")]
 
 
+# the options `feedback` and `score` share, passed on to _common_config by name
+SHARED = ("inputs", "output", "model", "revision", "prompt_field", "response_field",
+          "messages_field", "limit", "shard", "tensor_parallel_size", "max_model_len", "dtype",
+          "trust_remote_code", "enforce_eager", "max_in_flight", "batch_rows", "engine",
+          "ray_address", "replicas", "ray_block_rows", "prefix", "overwrite", "strict",
+          "checkpoint_every")
+
+
+def _shared(options: dict) -> dict:
+    return {k: options[k] for k in SHARED}
+
+
 def _common_config(task: str, inputs: list[str], output: str, *, model: str,
                    revision: str | None, prompt_field: str, response_field: str,
                    messages_field: str | None, limit: int | None, shard: str | None,
@@ -300,15 +312,8 @@ def feedback(
                     "sample per request", EXIT_USAGE)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                               seed=seed, samples=samples, constrain_level=constrain_level)
-    cfg = _guard(lambda: _common_config(
-        "feedback", inputs, output, model=model, revision=revision, prompt_field=prompt_field,
-        response_field=response_field, messages_field=messages_field, limit=limit, shard=shard,
-        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, dtype=dtype,
-        trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
-        max_in_flight=max_in_flight, prefix=prefix, overwrite=overwrite, strict=strict,
-        checkpoint_every=checkpoint_every, batch_rows=batch_rows, seed=seed, sampling=sampling,
-        engine=engine, ray_address=ray_address, replicas=replicas,
-        ray_block_rows=ray_block_rows))
+    opts = _shared(locals())
+    cfg = _guard(lambda: _common_config("feedback", **opts, seed=seed, sampling=sampling))
     _guard(lambda: _check_context(cfg, max_tokens))
     _execute(cfg, FeedbackTask(sampling), gpu_memory_utilization, quiet)
 
@@ -379,16 +384,10 @@ def score(
     reward (the weighted sum; for a scalar model, its output).
     """
     attrs = [a.strip() for a in attributes.split(",")] if attributes else None
+    opts = _shared(locals())
     cfg = _guard(lambda: _common_config(
-        "score", inputs, output, model=model, revision=revision, prompt_field=prompt_field,
-        response_field=response_field, messages_field=messages_field, limit=limit, shard=shard,
-        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, dtype=dtype,
-        trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
-        max_in_flight=max_in_flight, prefix=prefix, overwrite=overwrite, strict=strict,
-        checkpoint_every=checkpoint_every, batch_rows=batch_rows, reward_token=reward_token,
-        engine=engine, ray_address=ray_address, replicas=replicas,
-        ray_block_rows=ray_block_rows,
-        weights=weights, attributes=tuple(attrs) if attrs else None))
+        "score", **opts, reward_token=reward_token, weights=weights,
+        attributes=tuple(attrs) if attrs else None))
     task = _guard(lambda: build_score_task(cfg, weights, attrs))
     _execute(cfg, task, gpu_memory_utilization, quiet)
 

@@ -156,8 +156,8 @@ def run_filter(files: list[str], output: str, spec: FilterSpec) -> tuple[int, in
     if spec.drop_nfb_columns:
         drop = set(meta.get("columns") or [])
         drop |= {c for c in names if c.startswith(spec.prefix + "nfb_")}
-    winners = _winners(files, spec, _score_column(names, spec.prefix)) if spec.best_of_n \
-        else None
+    winners = np.fromiter(sorted(_winners(files, spec, _score_column(names, spec.prefix))),
+                          np.int64) if spec.best_of_n else None
     schema = unified_schema(files) if output_format(output) == "parquet" else pa.schema([])
     schema = pa.schema([fld for fld in schema if fld.name not in drop])
     out_meta = dict(meta, filter={"conditions": [f"{c.column}{c.op}{c.value:g}"
@@ -166,15 +166,13 @@ def run_filter(files: list[str], output: str, spec: FilterSpec) -> tuple[int, in
                                   "best_of_n_by": spec.group_by, "inputs": files})
     if spec.drop_nfb_columns:
         out_meta = {}
-    writer = OutputWriter(output, schema, out_meta or None)
     read = kept = pos = 0
-    try:
+    with OutputWriter(output, schema, out_meta or None) as writer:
         for f in files:
             for t in iter_tables(f):
                 mask = _mask(t, spec)
                 if winners is not None:
-                    idx = np.arange(pos, pos + len(t))
-                    mask &= np.fromiter((i in winners for i in idx), bool, len(idx))
+                    mask &= np.isin(np.arange(pos, pos + len(t)), winners)
                 pos += len(t)
                 read += len(t)
                 sel = t.filter(pa.array(mask))
@@ -182,10 +180,6 @@ def run_filter(files: list[str], output: str, spec: FilterSpec) -> tuple[int, in
                     sel = sel.drop_columns([c for c in sel.column_names if c in drop])
                 writer.write(sel)
                 kept += len(sel)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
     return read, kept
 
 

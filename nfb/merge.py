@@ -95,9 +95,8 @@ def merge_outputs(files: list[str], output: str) -> int:
     out_meta = dict(meta, shard=None, fingerprint=meta["settings_fingerprint"],
                     merged_from=files, summary={**summary, "errors": dict(summary["errors"]),
                                                 "levels": dict(summary["levels"])})
-    writer = OutputWriter(output, unified_schema(files), out_meta)
     last = -1
-    try:
+    with OutputWriter(output, unified_schema(files), out_meta) as writer:
         for t in _kway([iter_tables(f) for f in files], row_col):
             rows = t.column(row_col).to_numpy()
             if rows[0] <= last or (len(rows) > 1 and np.any(np.diff(rows) <= 0)):
@@ -105,8 +104,4 @@ def merge_outputs(files: list[str], output: str) -> int:
                                  "are these shards of one run?")
             last = int(rows[-1])
             writer.write(t)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
     return writer.rows

@@ -252,6 +252,9 @@ def finished_result(cfg: RunConfig, fp: str) -> RunResult | None:
     wd = WorkDir(cfg.output)
     if wd.exists:
         return None
+    if STDIN in cfg.inputs:
+        raise ResumeError(f"{cfg.output} already exists, and input from stdin cannot be checked "
+                          "against it; add --overwrite to replace it")
     meta = read_metadata(cfg.output)
     if not meta or meta.get("fingerprint") != fp:
         raise ResumeError(

@@ -19,6 +19,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# vLLM on CPU sizes each engine's KV cache as a fraction of the machine's RAM (0.2 x 24 GiB);
+# the suite keeps several tiny-model engines alive (and subprocesses, and Ray workers inherit
+# this), so give each a fixed 1 GiB instead.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import tiny_models  # noqa: E402
 

@@ -142,6 +142,16 @@ class OutputWriter:
             tmp.write_bytes(orjson.dumps(self.metadata, option=orjson.OPT_INDENT_2))
             os.replace(tmp, side)
 
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close on success; on any error remove the temporary file (OUT stays untouched)."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
     def abort(self) -> None:
         try:
             if self._pq is not None:
@@ -176,16 +186,10 @@ def read_metadata(path: str) -> dict | None:
 def merge_tables(path: str, sources: Iterable[Iterable[pa.Table]] | list[str],
                  schemas: list[pa.Schema], metadata: dict | None) -> int:
     """Write the concatenation of `sources` to `path` under one unified schema."""
-    schema = unify_schemas(schemas)
-    writer = OutputWriter(path, schema, metadata)
-    try:
+    with OutputWriter(path, unify_schemas(schemas), metadata) as writer:
         for src in sources:
             for table in src:
                 writer.write(table)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
     return writer.rows
 
 

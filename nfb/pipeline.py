@@ -337,7 +337,7 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
         out_writer = None
     else:
         sink = None
-        out_writer = _StdoutWriter(task, cfg.prefix)
+        out_writer = _StdoutWriter()
         emit = out_writer.write
 
     def emit_and_report(table: pa.Table) -> None:
@@ -442,7 +442,7 @@ def _row_dicts(chunk: Chunk, idx: np.ndarray, needed: tuple[str, ...]) -> list[d
 class _StdoutWriter:
     """`-o -`: JSONL rows to stdout as soon as they are in order (no checkpoint)."""
 
-    def __init__(self, task: Task, prefix: str):
+    def __init__(self):
         self._writer: OutputWriter | None = None
 
     def write(self, table: pa.Table) -> None:

@@ -35,7 +35,8 @@ def test_no_level(text):
 
 
 def test_leading_statement_wins_over_later_mentions():
-    text = "The response is mostly helpful. It is not perfect: the response is partially helpful at best."
+    text = ("The response is mostly helpful. It is not perfect: the response is partially "
+            "helpful at best.")
     assert parse_level(text) == 4
 
 
@@ -67,7 +68,8 @@ def test_eval_messages_shape():
 def test_sample_aggregation():
     texts = ["The response is mostly helpful.", "The response is perfectly helpful.", "no level"]
     v = feedback_values(texts, 3)
-    assert v["feedback"] == texts[0] and v["feedback_level"] == 4 and v["feedback_label"] == "mostly"
+    assert v["feedback"] == texts[0] and v["feedback_level"] == 4
+    assert v["feedback_label"] == "mostly"
     assert v["feedback_levels"] == [4, 5, None]
     assert v["feedback_level_mean"] == 4.5
     assert feedback_values(["x", "y"], 2)["feedback_level_mean"] is None

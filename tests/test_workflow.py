@@ -117,7 +117,8 @@ def test_filter_best_of_n_drop_errors_and_original_schema(cli, scored, data, tmp
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--best-of-n"], "--group-by"), (["--where", "x~1"], "COLUMN OP NUMBER"), (["--where", "x>>1"], "not a number"),
+    (["--best-of-n"], "--group-by"), (["--where", "x~1"], "COLUMN OP NUMBER"),
+    (["--where", "x>>1"], "not a number"),
     (["--where", "nope>1"], "no column nope"), (["--min-level", "great"], "level 'great'"),
 ])
 def test_filter_usage_errors(cli, scored, tmp_path, args, match):

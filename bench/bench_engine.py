@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import orjson
-
 from common import machine, write_jsonl
 
 
@@ -86,6 +85,7 @@ def main() -> None:
     a = ap.parse_args()
 
     import tiny_models
+
     from nfb.config import EngineConfig, SamplingConfig
     from nfb.engines.vllm import VLLMEngine, on_cpu
     from nfb.tasks.feedback import FeedbackTask

@@ -21,7 +21,6 @@ from pathlib import Path
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from common import ROOT, StubEngine, machine, peak_rss_mb, write_jsonl
 
 
@@ -29,7 +28,7 @@ def run_nfb(src: Path, out: Path, task: str = "feedback") -> float:
     from nfb.config import EngineConfig, RunConfig, SamplingConfig
     from nfb.pipeline import run
     from nfb.tasks.feedback import FeedbackTask
-    from nfb.tasks.reward import STEERLM_ATTRIBUTES, PRESETS, ScoreTask
+    from nfb.tasks.reward import PRESETS, STEERLM_ATTRIBUTES, ScoreTask
 
     cfg = RunConfig(task=task, inputs=(str(src),), output=str(out), overwrite=True,
                     engine=EngineConfig(model="stub"), sampling=SamplingConfig())

@@ -396,8 +396,13 @@ def build_score_task(cfg, weights: str | None, attrs: list[str] | None):
     """Read the model's heads from its config and fit --weights/--attributes to them."""
     from nfb.config import ConfigError
     from nfb.modelinfo import read_model_info
-    from nfb.tasks.reward import (STEERLM_ATTRIBUTES, ScoreTask, attribute_names,
-                                  parse_weights, resolve_weights)
+    from nfb.tasks.reward import (
+        STEERLM_ATTRIBUTES,
+        ScoreTask,
+        attribute_names,
+        parse_weights,
+        resolve_weights,
+    )
 
     parsed = parse_weights(weights) if weights else None
     info = read_model_info(cfg.engine.model, cfg.engine.revision, cfg.engine.trust_remote_code)

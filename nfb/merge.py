@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from nfb.io.arrow import conform, unify_schemas
 from nfb.io.scored import iter_tables, metadata, schema_names, unified_schema
 from nfb.io.writers import OutputWriter
-from nfb.io.arrow import conform, unify_schemas
 
 
 class MergeError(Exception):

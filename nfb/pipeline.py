@@ -18,6 +18,7 @@ import signal
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -229,6 +230,7 @@ class Progress:
     """What the pipeline reports while it runs; the CLI shows it with rich."""
 
     def start(self, total: int | None, done: int) -> None: ...
+    def set_total(self, total: int) -> None: ...
     def advance(self, rows: int) -> None: ...
     def stop(self) -> None: ...
 
@@ -295,7 +297,13 @@ def run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
             log(f"resuming: {result.resumed_rows:,} rows already done in {wd.path}")
         _restore_counts(wd, cfg.prefix, result)
 
-    total = selected_total(count_rows(list(cfg.inputs)), cfg)
+    def count() -> int | None:
+        return selected_total(count_rows(list(cfg.inputs)), cfg)
+
+    if result.resumed_rows:  # the count decides whether the model is needed at all
+        total: int | None | Future = count()
+    else:  # a fresh run: count beside the engine start, for the progress bar only
+        total = ThreadPoolExecutor(1, thread_name_prefix="nfb-count").submit(count)
     if total is not None and total == result.resumed_rows and wd is not None:
         log("all rows were already done; merging")
     else:
@@ -330,7 +338,7 @@ def _restore_counts(wd: WorkDir, prefix: str, result: RunResult) -> None:
 
 def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
              progress: Progress, result: RunResult, done: np.ndarray, wd: WorkDir | None,
-             total: int | None, row_col: str) -> None:
+             total: int | None | Future, row_col: str) -> None:
     if wd is not None:
         sink = PartWriter(wd.path, cfg.part_rows, cfg.checkpoint_seconds, row_col)
         emit = sink.add
@@ -356,7 +364,16 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
                 f"for a prompt: lower --max-tokens or raise --max-model-len")
         window = max(1, getattr(engine, "cfg", cfg.engine).max_in_flight)
         max_held = 8 * window + cfg.batch_rows
-        progress.start(total, result.resumed_rows)
+        pending_total = total if isinstance(total, Future) else None
+        progress.start(None if pending_total else total, result.resumed_rows)
+
+        def poll_total() -> None:
+            nonlocal pending_total
+            if pending_total is not None and pending_total.done():
+                if pending_total.exception() is None and pending_total.result() is not None:
+                    progress.set_total(pending_total.result())
+                pending_total = None
+
         requests = _requests(cfg, task, engine, collector, done, budget, sink)
         with _sigterm_as_interrupt():
             try:
@@ -365,6 +382,7 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
                     collector.resolve(p, i, values)
                     if sink is not None:
                         sink.maybe_flush()
+                    poll_total()
             except KeyboardInterrupt:
                 if sink is not None:
                     sink.flush()

@@ -5,8 +5,16 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
-                           SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -58,6 +66,11 @@ class RichProgress:
                 console=self.console, transient=False, refresh_per_second=4)
             self._bar.start()
             self._task = self._bar.add_task("rows", total=total, completed=done)
+
+    def set_total(self, total: int) -> None:
+        self._total = total
+        if self._bar is not None:
+            self._bar.update(self._task, total=total)
 
     def advance(self, rows: int) -> None:
         self._done += rows

@@ -48,9 +48,9 @@ def test_output_matches_input_row_by_row(cli, models, tmp_path):
 def test_same_text_as_llm_chat(cli, models, tmp_path):
     """nfb renders the chat itself; the model must see exactly what LLM.chat would send."""
     from conftest import shared_engine
+    from vllm import SamplingParams
 
     from nfb.config import EngineConfig
-    from vllm import SamplingParams
 
     rows = sample_rows(6)
     src = write_jsonl(tmp_path / "in.jsonl", rows)

@@ -12,8 +12,7 @@ F32 = ["--dtype", "float32"]
 
 
 def hf_outputs(model_dir, row, causal_token=None):
-    from transformers import (AutoTokenizer, LlamaForCausalLM,
-                              LlamaForSequenceClassification)
+    from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     msgs = [{"role": "user", "content": row["prompt"]},

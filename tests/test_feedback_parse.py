@@ -1,8 +1,14 @@
 import pytest
 
 from nfb.records import Conversation
-from nfb.tasks.feedback import (EVAL_PROMPT, FeedbackColumns, eval_messages, feedback_values,
-                                label_of, parse_level)
+from nfb.tasks.feedback import (
+    EVAL_PROMPT,
+    FeedbackColumns,
+    eval_messages,
+    feedback_values,
+    label_of,
+    parse_level,
+)
 
 
 @pytest.mark.parametrize("word,level", [("not", 1), ("slightly", 2), ("partially", 3),

@@ -1,7 +1,14 @@
 import pytest
 
-from nfb.tasks.reward import (PRESETS, STEERLM_ATTRIBUTES, WeightsError, attribute_names,
-                              parse_weights, resolve_weights, weighted_reward)
+from nfb.tasks.reward import (
+    PRESETS,
+    STEERLM_ATTRIBUTES,
+    WeightsError,
+    attribute_names,
+    parse_weights,
+    resolve_weights,
+    weighted_reward,
+)
 
 NAMES = list(STEERLM_ATTRIBUTES)
 

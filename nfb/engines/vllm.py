@@ -8,6 +8,7 @@ waits for a batch boundary: as one request finishes, the next one is added.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -17,6 +18,18 @@ from nfb.engines.base import Request
 
 # vLLM logs to stdout by default; nfb keeps stdout for data.
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
+class _DropRawPromptNotice(logging.Filter):
+    """nfb hands vLLM token ids it rendered and length-checked itself, on purpose; vLLM 0.32
+    warns that raw prompts are deprecated in favour of its Renderer, which would tokenize
+    every row a second time. The notice says nothing to an nfb user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Passing raw prompts to InputProcessor" not in record.getMessage()
+
+
+logging.getLogger("vllm.v1.engine.input_processor").addFilter(_DropRawPromptNotice())
 
 
 def on_cpu() -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import orjson
 
@@ -130,11 +130,9 @@ def fingerprint(cfg: RunConfig, prompt: str | None) -> str:
 
 
 def settings_fingerprint(cfg: RunConfig, prompt: str | None) -> str:
-    """Like `fingerprint` but blind to the shard: shards of one job share it (nfb merge)."""
-    spec = result_spec(cfg, prompt)
-    spec["shard"] = None
-    spec["inputs"] = [_input_identity(p) for p in cfg.inputs]
-    return hashlib.sha256(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+    """The fingerprint of the same run without --shard: shards of one job share it, and a
+    merge of all shards carries it, so the unsharded command sees the merge as complete."""
+    return fingerprint(replace(cfg, shard=None), prompt)
 
 
 def provenance(cfg: RunConfig, prompt: str | None, extra: dict | None = None) -> dict:

@@ -30,6 +30,11 @@ def column_array(values: list) -> pa.Array:
         return pa.array([_json_text(v) for v in values], type=pa.string())
 
 
+def empty_rows(n: int) -> pa.Table:
+    """A table of n rows and no columns (rows whose input could not be read)."""
+    return pa.table({"_": pa.nulls(n)}).drop(["_"])
+
+
 def rows_to_table(rows: list[dict]) -> pa.Table:
     """A table holding every key of every row (missing keys are null), in first-seen order."""
     n = len(rows)
@@ -41,7 +46,7 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
             if k not in keys:
                 keys[k] = None
     if not keys:
-        return pa.table({"_": pa.nulls(n)}).drop(["_"])
+        return empty_rows(n)
     return pa.table({k: column_array([r.get(k) for r in rows]) for k in keys})
 
 

@@ -22,7 +22,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nfb.io.arrow import rows_to_table
+from nfb.io.arrow import empty_rows, rows_to_table
 
 STDIN = "-"
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz",
@@ -197,10 +197,10 @@ def _parquet_chunks(path: str, start: int, batch_rows: int) -> Iterator[Chunk]:
     except OSError as e:
         if isinstance(e, (FileNotFoundError, PermissionError)):
             raise InputError(f"{path}: {e.strerror or e}") from e
-        yield Chunk(row, _empty_rows(1), [f"unreadable_file:{name}"])
+        yield Chunk(row, empty_rows(1), [f"unreadable_file:{name}"])
         return
     except pa.ArrowException:
-        yield Chunk(row, _empty_rows(1), [f"unreadable_file:{name}"])
+        yield Chunk(row, empty_rows(1), [f"unreadable_file:{name}"])
         return
     while True:
         try:
@@ -208,16 +208,11 @@ def _parquet_chunks(path: str, start: int, batch_rows: int) -> Iterator[Chunk]:
         except StopIteration:
             return
         except (OSError, pa.ArrowException):
-            yield Chunk(row, _empty_rows(1), [f"unreadable_file:{name}"])
+            yield Chunk(row, empty_rows(1), [f"unreadable_file:{name}"])
             return
         table = pa.Table.from_batches([batch])
         yield Chunk(row, table, [None] * len(table))
         row += len(table)
-
-
-def _empty_rows(n: int) -> pa.Table:
-    """A table of n rows and no columns."""
-    return pa.table({"_": pa.nulls(n)}).drop(["_"])
 
 
 def read_chunks(files: list[str], batch_rows: int = 1024) -> Iterator[Chunk]:

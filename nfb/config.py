@@ -18,8 +18,7 @@ from nfb import __version__
 from nfb.records import FieldMap
 
 
-class ConfigError(ValueError):
-    """A bad option: reported as exit 2 before any model loads."""
+from nfb.errors import ConfigError  # noqa: E402,F401
 
 
 @dataclass(frozen=True)

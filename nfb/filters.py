@@ -183,3 +183,28 @@ def run_filter(files: list[str], output: str, spec: FilterSpec) -> tuple[int, in
     return read, kept
 
 
+
+
+def filter_rows(inputs: list[str] | str, output: str, *, min_level: str | int | None = None,
+                max_level: str | int | None = None, min_reward: float | None = None,
+                max_reward: float | None = None, where: list[str] | str | None = None,
+                best_of_n: bool = False, group_by: str | None = None,
+                drop_errors: bool = False, drop_nfb_columns: bool = False,
+                prefix: str = "") -> tuple[int, int]:
+    """`nfb filter` as one call: write the kept rows of `inputs` to `output`.
+    Returns (rows read, rows kept)."""
+    from nfb.io.scored import scored_files
+    from nfb.io.writers import output_format as _fmt
+
+    try:
+        _fmt(output)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    where = [where] if isinstance(where, str) else list(where or [])
+    spec = build_spec(min_level=None if min_level is None else str(min_level),
+                      max_level=None if max_level is None else str(max_level),
+                      min_reward=min_reward, max_reward=max_reward, where=where,
+                      drop_errors=drop_errors, best_of_n=best_of_n, group_by=group_by,
+                      drop_nfb_columns=drop_nfb_columns, prefix=prefix)
+    files = scored_files([inputs] if isinstance(inputs, str) else list(inputs))
+    return run_filter(files, output, spec)

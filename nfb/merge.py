@@ -20,8 +20,7 @@ from nfb.io.scored import iter_tables, metadata, schema_names, unified_schema
 from nfb.io.writers import OutputWriter
 
 
-class MergeError(Exception):
-    """The inputs are not shards of one run (exit 2)."""
+from nfb.errors import MergeError  # noqa: E402
 
 
 def check_shards(files: list[str]) -> tuple[dict, str]:
@@ -105,3 +104,11 @@ def merge_outputs(files: list[str], output: str) -> int:
             last = int(rows[-1])
             writer.write(t)
     return writer.rows
+
+
+def merge(inputs: list[str] | str, output: str) -> tuple[int, int]:
+    """`nfb merge` as one call: join shard outputs into `output`. Returns (files, rows)."""
+    from nfb.io.scored import scored_files
+
+    files = scored_files([inputs] if isinstance(inputs, str) else list(inputs))
+    return len(files), merge_outputs(files, output)

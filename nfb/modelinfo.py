@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from nfb.config import ConfigError
 
 
-class ModelError(Exception):
-    """The model's config cannot be read (exit 1)."""
+from nfb.errors import ModelError  # noqa: E402,F401
 
 
 @dataclass(frozen=True)

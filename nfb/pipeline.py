@@ -39,12 +39,7 @@ from nfb.workdir import ResumeError, WorkDir
 ROW, ERROR = "nfb_row", "nfb_error"
 
 
-class RunError(Exception):
-    """The run cannot go on (exit 1)."""
-
-
-class Interrupted(Exception):
-    """Stopped by Ctrl-C or SIGTERM after checkpointing (exit 130)."""
+from nfb.errors import Interrupted, RunError  # noqa: E402,F401
 
 
 @dataclass

@@ -121,3 +121,11 @@ def print_stats(console, s: dict) -> None:
             qt.add_row(name, *[("-" if q.get(c) is None else
                                 f"{q[c]:,}" if c == "count" else f"{q[c]:.3f}") for c in cols])
         console.print(qt)
+
+
+def stats(inputs: list[str] | str, *, prefix: str = "") -> dict:
+    """`nfb stats` as one call: the summary dict that `--json` prints."""
+    from nfb.io.scored import scored_files
+
+    files = scored_files([inputs] if isinstance(inputs, str) else list(inputs))
+    return compute_stats(files, prefix)

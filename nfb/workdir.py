@@ -18,8 +18,7 @@ import pyarrow.parquet as pq
 STATE = "state.json"
 
 
-class ResumeError(Exception):
-    """The output or its work directory belongs to a different run."""
+from nfb.errors import ResumeError  # noqa: E402,F401
 
 
 def workdir_for(output: str) -> Path:

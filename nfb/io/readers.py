@@ -31,8 +31,7 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 _BOM = b"\xef\xbb\xbf"
 
 
-class InputError(Exception):
-    """An input that cannot be used at all (missing, unreadable, unknown format)."""
+from nfb.errors import InputError  # noqa: E402,F401
 
 
 @dataclass

@@ -26,8 +26,7 @@ PRESETS: dict[str, tuple[tuple[float, ...], str]] = {
 }
 
 
-class WeightsError(ValueError):
-    """--weights or --attributes that do not fit the model's heads."""
+from nfb.errors import WeightsError  # noqa: E402,F401
 
 
 _LABEL_N = re.compile(r"LABEL_\d+")

@@ -1,0 +1,1 @@
+"""Commands registered on nfb.cli.app (see nfb/cli/__init__.py)."""

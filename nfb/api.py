@@ -1,15 +1,207 @@
 """The one-call Python API. The CLI calls exactly these functions.
 
     import nfb
-    result = nfb.score("data.jsonl", "scored.parquet", model="path/to/rm")
-    nfb.filter("scored.parquet", "kept.parquet", where="helpfulness >= 3")
+    result = nfb.feedback("data.jsonl", "out.parquet", model="nvidia/Llama-3.3-Nemotron-70B-Feedback")
+    result = nfb.score("data.jsonl", "scored.parquet", model="path/to/rm", weights="llama3-70b-steerlm")
+    nfb.filter("scored.parquet", "kept.parquet", min_reward=0.5)
 
-Options are keyword-only and named like the CLI flags. Errors are `nfb.errors.NfbError`
-subclasses, each carrying the exit code the CLI would end with.
+Options are keyword-only and named like the CLI flags (`--max-tokens` is `max_tokens=`).
+Errors are `nfb.errors.NfbError` subclasses, each carrying the exit code the CLI ends with.
+Engine choice and its defaults, tasks built from what the model is, context checks and
+engine capability checks all happen here, before any model loads.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from nfb.config import EngineConfig, RunConfig, SamplingConfig, Shard
+from nfb.errors import UsageError
 from nfb.filters import filter_rows as filter  # noqa: A001,F401
 from nfb.merge import merge  # noqa: F401
+from nfb.pipeline import Progress, RunResult, run
 from nfb.stats import stats  # noqa: F401
+from nfb.tasks.feedback import CONSTRAINED_REGEX, DEFAULT_MODEL, FeedbackTask
+
+DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
+
+
+def _inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    if isinstance(inputs, (str, os.PathLike)):
+        return [str(inputs)]
+    return [str(i) for i in inputs]
+
+
+def _resolve_model(model: str, log: Callable[[str], None]) -> str:
+    from nfb.modelinfo import check_model_path
+
+    model = str(model)
+    if model == "demo":
+        from nfb.demo import prepare_demo
+        return str(prepare_demo(log=log))
+    check_model_path(model)
+    return os.path.expanduser(model)
+
+
+def _run_config(inputs, output, *, model: str, revision, prompt_field, response_field,
+                messages_field, limit, shard, tensor_parallel_size, max_model_len,
+                gpu_memory_utilization, dtype, trust_remote_code, enforce_eager, max_in_flight,
+                batch_rows, engine, ray_address, replicas, ray_block_rows, prefix, overwrite,
+                checkpoint_every, engine_restarts, stall_timeout, hf_overrides=None,
+                enable_prefix_caching=None, log=lambda _m: None) -> RunConfig:
+    """Check everything that needs no model (exit 2 / 1 before loading) and build the config."""
+    from nfb.engines import check_engine
+    from nfb.io.readers import resolve_inputs
+    from nfb.io.writers import output_format
+    from nfb.records import FieldMap
+
+    output = str(output)
+    try:
+        output_format(output)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if prefix and not all(c.isalnum() or c in "_-." for c in prefix):
+        raise UsageError(f"--prefix {prefix!r}: use letters, digits, '_', '-' or '.'")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: use auto, bfloat16, float16 or float32")
+    for name, value, low in (("--tensor-parallel-size", tensor_parallel_size, 1),
+                             ("--max-in-flight", max_in_flight, 1),
+                             ("--batch-rows", batch_rows, 1), ("--replicas", replicas, 1),
+                             ("--engine-restarts", engine_restarts, 0)):
+        if value < low:
+            raise UsageError(f"{name} must be at least {low}")
+    if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+        raise UsageError("--gpu-memory-utilization must be in (0, 1]")
+    if stall_timeout <= 0:
+        raise UsageError("--stall-timeout must be above 0 seconds")
+    check_engine(engine)
+    if engine != "ray" and (ray_address or replicas != 1):
+        raise UsageError("--ray-address and --replicas go with --engine ray")
+    model = _resolve_model(model, log)
+    files = resolve_inputs(_inputs(inputs))
+    if output != "-" and any(os.path.abspath(f) == os.path.abspath(output) for f in files):
+        raise UsageError(f"the output {output} is also an input")
+    engine_cfg = EngineConfig(
+        model=model, revision=revision, tensor_parallel_size=tensor_parallel_size,
+        max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+        dtype=dtype, trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
+        hf_overrides=hf_overrides, enable_prefix_caching=enable_prefix_caching,
+        max_in_flight=max_in_flight, backend=engine, ray_address=ray_address,
+        replicas=replicas, ray_block_rows=ray_block_rows, engine_restarts=engine_restarts,
+        stall_timeout=stall_timeout)
+    return RunConfig(
+        inputs=tuple(files), output=output, engine=engine_cfg,
+        fields=FieldMap(prompt_field, response_field, messages_field),
+        limit=limit, shard=Shard.parse(shard) if isinstance(shard, str) else shard,
+        prefix=prefix, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
+        batch_rows=batch_rows)
+
+
+def _check_context(cfg: RunConfig, max_tokens: int) -> None:
+    """--max-tokens must leave room for a prompt (from the config, before loading)."""
+    from nfb.modelinfo import read_model_info
+
+    if not os.path.isdir(cfg.engine.model):
+        return  # a hub id: checked once the engine has the config
+    info = read_model_info(cfg.engine.model, cfg.engine.revision, cfg.engine.trust_remote_code)
+    ctx = cfg.engine.max_model_len or info.max_position_embeddings
+    if ctx and max_tokens >= ctx:
+        raise UsageError(f"--max-tokens {max_tokens} leaves no room for a prompt in a "
+                         f"{ctx}-token context: lower it, or raise --max-model-len")
+
+
+def feedback(
+    inputs: str | Sequence[str], output: str, *,
+    model: str = DEFAULT_MODEL, revision: str | None = None,
+    prompt_field: str = "prompt", response_field: str = "response",
+    messages_field: str | None = None,
+    samples: int = 1, temperature: float = 0.7, top_p: float = 1.0, max_tokens: int = 4096,
+    seed: int | None = None, constrain_level: bool = False,
+    tensor_parallel_size: int = 1, max_model_len: int | None = None,
+    gpu_memory_utilization: float | None = None, dtype: str = "auto",
+    trust_remote_code: bool = False, enforce_eager: bool = False,
+    max_in_flight: int = 1024, batch_rows: int = 256,
+    engine: str = "vllm", ray_address: str | None = None, replicas: int = 1,
+    ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
+    limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
+    overwrite: bool = False, checkpoint_every: float = 30.0,
+    progress: Progress | None = None, log: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Judge each response with a generative feedback model: `feedback` (text),
+    `feedback_level` (1-5), `feedback_label`; with samples > 1 also the per-sample lists and
+    the mean level. Resumes an interrupted run with the same settings."""
+    log = log or (lambda _m: None)
+    if top_p <= 0 or top_p > 1:
+        raise UsageError("--top-p must be in (0, 1]")
+    if temperature < 0:
+        raise UsageError("--temperature must be 0 or more")
+    if samples < 1 or max_tokens < 1:
+        raise UsageError("--samples and --max-tokens must be at least 1")
+    if engine == "ray" and samples > 1:
+        raise UsageError("--samples > 1 is not available with --engine ray: Ray Data LLM "
+                         "returns one sample per request")
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                              seed=seed, samples=samples,
+                              regex=CONSTRAINED_REGEX if constrain_level else None)
+    cfg = _run_config(
+        inputs, output, model=model, revision=revision, prompt_field=prompt_field,
+        response_field=response_field, messages_field=messages_field, limit=limit,
+        shard=shard, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
+        trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
+        max_in_flight=max_in_flight, batch_rows=batch_rows, engine=engine,
+        ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
+        prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
+        engine_restarts=engine_restarts, stall_timeout=stall_timeout,
+        enable_prefix_caching=True if samples > 1 else None, log=log)
+    _check_context(cfg, max_tokens)
+    return run(cfg, FeedbackTask(sampling), progress=progress, log=log)
+
+
+def score(
+    inputs: str | Sequence[str], output: str, *,
+    model: str, weights: str | Sequence[float] | dict | None = None,
+    attributes: str | Sequence[str] | None = None, reward_token: str | int | None = None,
+    prompt_format: str | None = None, revision: str | None = None,
+    prompt_field: str = "prompt", response_field: str = "response",
+    messages_field: str | None = None,
+    tensor_parallel_size: int = 1, max_model_len: int | None = None,
+    gpu_memory_utilization: float | None = None, dtype: str = "auto",
+    trust_remote_code: bool = False, enforce_eager: bool = False,
+    max_in_flight: int = 1024, batch_rows: int = 256,
+    engine: str = "vllm", ray_address: str | None = None, replicas: int = 1,
+    ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
+    limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
+    overwrite: bool = False, checkpoint_every: float = 30.0,
+    progress: Progress | None = None, log: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Score each conversation with a reward model: one float column per head (attribute)
+    and `reward`, their weighted sum (a scalar model's output is `reward` itself)."""
+    from nfb.tasks.build import score_task
+
+    log = log or (lambda _m: None)
+    if isinstance(attributes, str):
+        attributes = [a.strip() for a in attributes.split(",")]
+    if weights is not None and not isinstance(weights, str):
+        weights = ",".join(f"{k}={v}" for k, v in weights.items()) if isinstance(weights, dict) \
+            else ",".join(str(w) for w in weights)
+    cfg = _run_config(
+        inputs, output, model=model, revision=revision, prompt_field=prompt_field,
+        response_field=response_field, messages_field=messages_field, limit=limit,
+        shard=shard, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
+        trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
+        max_in_flight=max_in_flight, batch_rows=batch_rows, engine=engine,
+        ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
+        prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
+        engine_restarts=engine_restarts, stall_timeout=stall_timeout, log=log)
+    task, hf_overrides = score_task(
+        cfg.engine.model, revision=revision, trust_remote_code=trust_remote_code,
+        weights=weights, attributes=list(attributes) if attributes else None,
+        reward_token=None if reward_token is None else str(reward_token),
+        prompt_format=prompt_format)
+    if hf_overrides:
+        cfg = replace(cfg, engine=replace(cfg.engine, hf_overrides=hf_overrides))
+    return run(cfg, task, progress=progress, log=log)

@@ -1,8 +1,15 @@
-"""Frozen configuration of a run and its fingerprint.
+"""Frozen, resolved settings of a run, and the fingerprint of everything that changes its rows.
 
-The fingerprint hashes everything that changes the result (task, model, prompt, sampling,
-weights, fields, inputs, row selection) and nothing that does not (tensor parallel size,
-memory fraction, batch sizes), so a resumed run may use a different GPU layout.
+One owner per setting:
+- `EngineConfig`: where and how the model runs. Only `result_key()` (model, revision, dtype,
+  context length, head overrides) changes results; tensor parallelism, memory, the in-flight
+  window, Ray placement and fault handling do not, so a resumed run may use another layout.
+- the task (`nfb.tasks`): what the model sees and how outputs become columns; its
+  `settings()` hold resolved values (the weight vector, not the spelling of `--weights`;
+  the sampling parameters; the prompt), so two spellings of one run are one run.
+- `RunConfig`: inputs, fields, row selection and output. `batch_rows`, `part_rows` and
+  `checkpoint_seconds` only cut the work into pieces and never change the output, so they
+  stay out of the fingerprint.
 """
 
 from __future__ import annotations
@@ -15,10 +22,9 @@ from dataclasses import asdict, dataclass, field, replace
 import orjson
 
 from nfb import __version__
+from nfb.errors import ConfigError  # noqa: F401  (re-exported: the first release's name)
+from nfb.errors import UsageError
 from nfb.records import FieldMap
-
-
-from nfb.errors import ConfigError  # noqa: E402,F401
 
 
 @dataclass(frozen=True)
@@ -27,24 +33,24 @@ class EngineConfig:
     revision: str | None = None
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float | None = None   # None: 0.9 on a GPU, 0.2 on a CPU
     dtype: str = "auto"
     trust_remote_code: bool = False
     enforce_eager: bool = False
-    seed: int | None = None
-    # score: turn a causal LM into a 1-head classifier on this token's logit (vLLM hf_overrides)
-    reward_token: str | None = None
-    # requests kept in flight in the engine
-    max_in_flight: int = 1024
-    # where the engine runs: "vllm" in-process, or "ray" (Ray Data LLM over a cluster)
-    backend: str = "vllm"
+    # vLLM hf_overrides, e.g. a causal LM read as a classifier on one token's logit
+    hf_overrides: dict | None = field(default=None, hash=False)
+    enable_prefix_caching: bool | None = None     # None: vLLM's default
+    max_in_flight: int = 1024                     # requests kept in flight in the engine
+    backend: str = "vllm"                         # "vllm" in-process, "ray", or a registered one
     ray_address: str | None = None
     replicas: int = 1
     ray_block_rows: int = 100_000
+    engine_restarts: int = 0                      # restarts after an engine death, per run
+    stall_timeout: float = 600.0                  # seconds without progress = a stalled engine
 
     def result_key(self) -> dict:
         return {"model": self.model, "revision": self.revision, "dtype": self.dtype,
-                "max_model_len": self.max_model_len, "reward_token": self.reward_token}
+                "max_model_len": self.max_model_len, "hf_overrides": self.hf_overrides}
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class SamplingConfig:
     max_tokens: int = 4096
     seed: int | None = None
     samples: int = 1
-    constrain_level: bool = False
+    regex: str | None = None     # guided decoding: the text must match this regex
 
 
 @dataclass(frozen=True)
@@ -66,10 +72,10 @@ class Shard:
     def parse(cls, text: str) -> Shard:
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
         if not m:
-            raise ConfigError(f"--shard {text!r}: write it as I/N, e.g. 0/4 (I counts from 0)")
+            raise UsageError(f"--shard {text!r}: write it as I/N, e.g. 0/4 (I counts from 0)")
         i, n = int(m.group(1)), int(m.group(2))
         if n < 1 or i >= n:
-            raise ConfigError(f"--shard {text!r}: need N >= 1 and 0 <= I < N")
+            raise UsageError(f"--shard {text!r}: need N >= 1 and 0 <= I < N")
         return cls(i, n)
 
     def __str__(self) -> str:
@@ -78,22 +84,17 @@ class Shard:
 
 @dataclass(frozen=True)
 class RunConfig:
-    task: str                       # "feedback" | "score"
     inputs: tuple[str, ...]         # resolved files, or ("-",)
     output: str                     # path, or "-" for JSONL on stdout
     engine: EngineConfig
     fields: FieldMap = field(default_factory=FieldMap)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    weights: str | None = None      # score: the --weights text
-    attributes: tuple[str, ...] | None = None
     prefix: str = ""
     limit: int | None = None
     shard: Shard | None = None
     overwrite: bool = False
-    batch_rows: int = 256           # rows read per chunk
-    part_rows: int = 50_000         # rows per checkpoint part, at most
+    batch_rows: int = 256           # rows read per chunk (never changes the output)
+    part_rows: int = 50_000         # rows per checkpoint part, at most (never changes it)
     checkpoint_seconds: float = 30.0
-    strict: bool = False            # exit 3 when some rows ended with errors
 
 
 def _input_identity(path: str) -> dict:
@@ -103,60 +104,51 @@ def _input_identity(path: str) -> dict:
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def result_spec(cfg: RunConfig, prompt: str | None) -> dict:
+def result_spec(cfg: RunConfig, task_name: str, task_settings: dict) -> dict:
     """Everything that changes the rows of the result (the fingerprint's input)."""
-    spec = {
-        "task": cfg.task,
+    return {
+        "task": task_name,
         "engine": cfg.engine.result_key(),
         "fields": asdict(cfg.fields),
         "prefix": cfg.prefix,
         "limit": cfg.limit,
         "shard": str(cfg.shard) if cfg.shard else None,
-        "prompt": prompt,
+        "settings": task_settings,
     }
-    if cfg.task == "feedback":
-        spec["sampling"] = asdict(cfg.sampling)
-    else:
-        spec["weights"] = cfg.weights
-        spec["attributes"] = list(cfg.attributes) if cfg.attributes else None
-    return spec
 
 
-def fingerprint(cfg: RunConfig, prompt: str | None) -> str:
-    spec = result_spec(cfg, prompt)
+def fingerprint(cfg: RunConfig, task_name: str, task_settings: dict) -> str:
+    spec = result_spec(cfg, task_name, task_settings)
     spec["inputs"] = [_input_identity(p) for p in cfg.inputs]
     return hashlib.sha256(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
-def settings_fingerprint(cfg: RunConfig, prompt: str | None) -> str:
-    """The fingerprint of the same run without --shard: shards of one job share it, and a
-    merge of all shards carries it, so the unsharded command sees the merge as complete."""
-    return fingerprint(replace(cfg, shard=None), prompt)
-
-
-def provenance(cfg: RunConfig, prompt: str | None, extra: dict | None = None) -> dict:
+def provenance(cfg: RunConfig, task_name: str, task_settings: dict,
+               extra: dict | None = None) -> dict:
+    """What the output's footer says about how it was made."""
     out = {
         "nfb_version": __version__,
-        "task": cfg.task,
+        "task": task_name,
         "model": cfg.engine.model,
         "revision": cfg.engine.revision,
         "dtype": cfg.engine.dtype,
         "max_model_len": cfg.engine.max_model_len,
+        "hf_overrides": cfg.engine.hf_overrides,
         "tensor_parallel_size": cfg.engine.tensor_parallel_size,
-        "prompt": prompt,
         "fields": asdict(cfg.fields),
         "prefix": cfg.prefix,
         "inputs": list(cfg.inputs),
         "limit": cfg.limit,
         "shard": str(cfg.shard) if cfg.shard else None,
-        "fingerprint": fingerprint(cfg, prompt),
-        "settings_fingerprint": settings_fingerprint(cfg, prompt),
+        "task_settings": task_settings,
+        "prompt": task_settings.get("prompt"),
+        "sampling": task_settings.get("sampling"),
+        "weights": task_settings.get("weights"),
+        "fingerprint": fingerprint(cfg, task_name, task_settings),
+        # the same run without --shard: shards of one job share it, and their merge carries
+        # it, so the unsharded command sees the merge as complete
+        "settings_fingerprint": fingerprint(replace(cfg, shard=None), task_name, task_settings),
     }
-    if cfg.task == "feedback":
-        out["sampling"] = asdict(cfg.sampling)
-    else:
-        out["weights"] = cfg.weights
-        out["reward_token"] = cfg.engine.reward_token
     if extra:
         out.update(extra)
     return out

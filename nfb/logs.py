@@ -29,3 +29,77 @@ def quiet_engine_logs() -> None:
     warnings.filterwarnings("ignore")
     for name in ("vllm", "torch", "transformers", "ray", "triton", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class CapturedStderr:
+    """Send file descriptor 2 to a log file while the engine starts.
+
+    The engine's processes are spawned during the start and inherit fd 2 for their whole
+    life, so their warnings and tracebacks (Triton, NUMA binding, tcmalloc, worker stack
+    traces) land in the log, not on the user's terminal; nfb reads the log to name the
+    cause of a failed start or an engine death. Python-level writes of this process keep
+    going to the terminal (sys.stderr is pointed at a copy of the original fd).
+    """
+
+    def __init__(self):
+        import tempfile
+
+        self.file = tempfile.NamedTemporaryFile(prefix="nfb-engine-", suffix=".log",
+                                                delete=False)
+        self.path = self.file.name
+        self._saved: int | None = None
+        self._stderr = None
+
+    def __enter__(self) -> CapturedStderr:
+        import sys
+
+        try:
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            pass
+        self._saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        try:
+            real = sys.stderr.fileno() == 2
+        except Exception:  # noqa: BLE001 - a test runner's stream
+            real = False
+        if real:
+            self._stderr = sys.stderr
+            sys.stderr = os.fdopen(os.dup(self._saved), "w", buffering=1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import sys
+
+        try:
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            pass
+        if self._saved is not None:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            self._saved = None
+        if self._stderr is not None:
+            replaced, sys.stderr = sys.stderr, self._stderr
+            self._stderr = None
+            try:
+                replaced.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def text(self, limit: int = 200_000) -> str:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(0, 2)
+                size = fh.tell()
+                fh.seek(max(0, size - limit))
+                return fh.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def remove(self) -> None:
+        try:
+            self.file.close()
+            os.unlink(self.path)
+        except OSError:
+            pass

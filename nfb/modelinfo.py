@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from nfb.config import ConfigError
+from nfb.errors import ConfigError
 
 
 from nfb.errors import ModelError  # noqa: E402,F401
@@ -53,3 +53,50 @@ def read_model_info(model: str, revision: str | None, trust_remote_code: bool) -
         a.endswith("ForSequenceClassification") for a in archs) else 1
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return ModelInfo(archs, num, id2label, getattr(text, "max_position_embeddings", None))
+
+
+def read_nfb_key(model: str) -> dict | None:
+    """The `nfb` key that `nfb convert` writes into a converted model's config.json."""
+    import orjson
+
+    path = os.path.join(os.path.expanduser(model), "config.json")
+    try:
+        with open(path, "rb") as fh:
+            cfg = orjson.loads(fh.read())
+    except (OSError, ValueError):
+        return None
+    value = cfg.get("nfb") if isinstance(cfg, dict) else None
+    return value if isinstance(value, dict) else None
+
+
+def token_classifier_overrides(model: str, tokens: list[str], trust_remote_code: bool,
+                               revision: str | None = None, method: str = "no_post_processing"
+                               ) -> dict:
+    """vLLM hf_overrides that read a causal LM as a classifier on the logits of `tokens`.
+
+    This is vLLM's own route for causal LMs used as scorers (`classifier_from_token`): one
+    token with method `no_post_processing` gives that token's raw logit (its head is the
+    token's row of lm_head); two tokens with `from_2_way_softmax` give the difference of
+    their logits. A token may be given by id ("0"), turned into its string here.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from nfb.errors import UsageError
+
+    try:
+        cfg = AutoConfig.from_pretrained(os.path.expanduser(model),
+                                         trust_remote_code=trust_remote_code, revision=revision)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot read the config of {model!r}: {e}") from None
+    if any(t.isdigit() for t in tokens):  # a token id, e.g. 0 for Llama-3.1-Nemotron-70B-Reward-HF
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(model), revision=revision,
+                                            trust_remote_code=trust_remote_code)
+        tokens = [tok.convert_ids_to_tokens(int(t)) if t.isdigit() else t for t in tokens]
+    archs = [a.replace("ForCausalLM", "ForSequenceClassification")
+             for a in (cfg.architectures or [])]
+    if not archs or not all(a.endswith("ForSequenceClassification") for a in archs):
+        raise UsageError(f"{model}: a token-logit reward needs a *ForCausalLM model "
+                         f"(found {cfg.architectures})")
+    return {"architectures": archs, "classifier_from_token": list(tokens), "method": method,
+            "num_labels": 1 if len(tokens) == 1 or method == "from_2_way_softmax"
+            else len(tokens)}

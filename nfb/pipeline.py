@@ -1,9 +1,7 @@
 """read -> skip done -> conversation -> tokens -> engine -> parse -> ordered checkpoint parts.
 
-The pipeline is usable from Python without the CLI:
-
-    from nfb.pipeline import run
-    result = run(cfg, task, engine_factory)
+`nfb.api` builds the config and the task and calls `run`; the pipeline drives the engine
+(tasks never do) and knows nothing of the CLI.
 
 Rows flow in chunks. Every row of a chunk ends as a result or an error; chunks leave in
 input order once all their rows are finished, so checkpoint parts are contiguous and the
@@ -28,10 +26,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nfb.config import ConfigError, RunConfig, fingerprint, provenance
+from nfb.config import RunConfig, provenance
+from nfb.errors import EngineDied, UsageError
 from nfb.engines.base import Engine
 from nfb.io.readers import STDIN, Chunk, input_format, read_chunks
 from nfb.io.writers import STDOUT, OutputWriter, PartWriter, merge_tables, read_metadata
+from nfb.prompts import render
 from nfb.records import to_conversation
 from nfb.tasks.base import Task
 from nfb.workdir import ResumeError, WorkDir
@@ -95,7 +95,7 @@ def input_columns(files: list[str]) -> list[str]:
 def check_clash(task: Task, prefix: str, columns: list[str]) -> None:
     clash = [c for c in added_columns(task, prefix) if c in columns]
     if clash:
-        raise ConfigError(
+        raise UsageError(
             f"the input already has column(s) {', '.join(clash)}, which nfb would add; "
             "pass --prefix (e.g. --prefix nfb2_) to name the new columns differently")
 
@@ -139,13 +139,16 @@ def selected_total(total: int | None, cfg: RunConfig) -> int | None:
 # --- the ordered collector ------------------------------------------------------------------
 
 class _Pending:
-    __slots__ = ("table", "rows", "errors", "values", "remaining")
+    """One chunk of rows on its way through the engine."""
+
+    __slots__ = ("table", "rows", "errors", "values", "outputs", "remaining")
 
     def __init__(self, table: pa.Table, rows: np.ndarray):
         self.table = table
         self.rows = rows
         self.errors: list[str | None] = [None] * len(rows)
         self.values: list[dict | None] = [None] * len(rows)
+        self.outputs: list[list | None] = [None] * len(rows)   # per row: one per request
         self.remaining = len(rows)
 
 
@@ -161,6 +164,7 @@ class Collector:
         self.result = result
         self.queue: deque[_Pending] = deque()
         self.held = 0
+        self.emitted: list[np.ndarray] = []     # row numbers written so far
         self._empty = task.empty_values()
 
     def add(self, p: _Pending) -> None:
@@ -171,15 +175,24 @@ class Collector:
     def fail(self, p: _Pending, i: int, reason: str) -> None:
         p.errors[i] = reason
         p.values[i] = self._empty
+        p.outputs[i] = None
         p.remaining -= 1
-        self.result.errors[error_code(reason)] += 1
+
+    def expect(self, p: _Pending, i: int, requests: int) -> None:
+        p.outputs[i] = [None] * requests
+
+    def output(self, key: tuple[_Pending, int, int], value) -> None:
+        """One request's output; the row resolves when all its requests are back."""
+        p, i, k = key
+        outs = p.outputs[i]
+        outs[k] = value
+        if all(o is not None for o in outs):
+            p.outputs[i] = None
+            self.resolve(p, i, self.task.parse(outs))
 
     def resolve(self, p: _Pending, i: int, values: dict) -> None:
         p.values[i] = values
         p.remaining -= 1
-        level = values.get("feedback_level")
-        if level is not None:
-            self.result.levels[level] += 1
         if p.remaining == 0 and self.queue and self.queue[0] is p:
             self.drain()
 
@@ -198,6 +211,14 @@ class Collector:
             t = t.append_column(pre + f.name, pa.array([v[f.name] for v in p.values],
                                                        type=f.type))
         self.result.new_rows += len(p.rows)
+        self.emitted.append(p.rows)
+        for e in p.errors:   # counted when written, so a restart never counts a row twice
+            if e is not None:
+                self.result.errors[error_code(e)] += 1
+        for v in p.values:
+            level = v.get("feedback_level")
+            if level is not None:
+                self.result.levels[level] += 1
         return t
 
 
@@ -227,6 +248,7 @@ class Progress:
     def start(self, total: int | None, done: int) -> None: ...
     def set_total(self, total: int) -> None: ...
     def advance(self, rows: int) -> None: ...
+    def note(self, message: str) -> None: ...
     def stop(self) -> None: ...
 
 
@@ -237,9 +259,9 @@ def _now() -> str:
 def prepare(cfg: RunConfig, task: Task) -> tuple[str, dict]:
     """Checks that need no model: column clashes. Returns (fingerprint, provenance)."""
     check_clash(task, cfg.prefix, input_columns(list(cfg.inputs)))
-    return fingerprint(cfg, task.prompt), provenance(
-        cfg, task.prompt, {"task_settings": task.settings(),
-                           "columns": added_columns(task, cfg.prefix)})
+    settings = task.settings()
+    meta = provenance(cfg, task.name, settings, {"columns": added_columns(task, cfg.prefix)})
+    return meta["fingerprint"], meta
 
 
 def finished_result(cfg: RunConfig, fp: str) -> RunResult | None:
@@ -247,29 +269,41 @@ def finished_result(cfg: RunConfig, fp: str) -> RunResult | None:
     if cfg.output == STDOUT or cfg.overwrite or not os.path.exists(cfg.output):
         return None
     wd = WorkDir(cfg.output)
-    if wd.exists:
-        return None
     if STDIN in cfg.inputs:
         raise ResumeError(f"{cfg.output} already exists, and input from stdin cannot be checked "
                           "against it; add --overwrite to replace it")
     meta = read_metadata(cfg.output)
-    if not meta or meta.get("fingerprint") != fp:
-        raise ResumeError(
-            f"{cfg.output} already exists and was not written by this command "
-            f"({'another nfb run' if meta else 'not an nfb output'}). Choose another output, "
-            "or add --overwrite to replace it.")
-    s = meta.get("summary", {})
-    return RunResult(cfg.output, rows=s.get("rows", 0), errors=Counter(s.get("errors", {})),
-                     levels=Counter({int(k): v for k, v in s.get("levels", {}).items()}),
-                     already_done=True)
+    if meta and meta.get("fingerprint") == fp:
+        if wd.path.exists():  # killed after the output was complete, while cleaning up
+            wd.remove()
+        s = meta.get("summary", {})
+        return RunResult(cfg.output, rows=s.get("rows", 0), errors=Counter(s.get("errors", {})),
+                         levels=Counter({int(k): v for k, v in s.get("levels", {}).items()}),
+                         already_done=True)
+    if wd.exists:
+        return None  # an unfinished run: its work directory decides
+    raise ResumeError(
+        f"{cfg.output} already exists and was not written by this command "
+        f"({'another nfb run' if meta else 'not an nfb output'}). Choose another output, "
+        "or add --overwrite to replace it.")
 
 
-def run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
-        progress: Progress | None = None, log: Callable[[str], None] = lambda _m: None
+def run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine] | None = None,
+        progress: Progress | None = None, log: Callable[[str], None] | None = None
         ) -> RunResult:
-    """Run `task` over the inputs of `cfg` and write the output. Resumes when it can."""
+    """Run `task` over the inputs of `cfg` and write the output. Resumes when it can.
+
+    `engine_factory` starts the engine (default: `nfb.engines.make_engine` for
+    `cfg.engine.backend` and the task's runner); it is called only when rows need it.
+    """
     t0 = time.monotonic()
     progress = progress or Progress()
+    log = log or (lambda _m: None)
+    if engine_factory is None:
+        from nfb.engines import make_engine
+
+        def engine_factory() -> Engine:
+            return make_engine(cfg.engine, task.runner)
     fp, meta = prepare(cfg, task)
     done_before = finished_result(cfg, fp)
     if done_before is not None:
@@ -286,6 +320,7 @@ def run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
         wd.open(fp, {"model": cfg.engine.model, "started": _now(), "command": meta},
                 overwrite=cfg.overwrite or stdin)  # stdin cannot be replayed: never resume it
         wd.clean_temporaries()
+        stop_leftover_engine(wd, log)
         done = wd.done_rows(row_col)
         result.resumed_rows = int(done.sum())
         if result.resumed_rows:
@@ -295,21 +330,28 @@ def run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
     def count() -> int | None:
         return selected_total(count_rows(list(cfg.inputs)), cfg)
 
-    if result.resumed_rows:  # the count decides whether the model is needed at all
-        total: int | None | Future = count()
-    else:  # a fresh run: count beside the engine start, for the progress bar only
-        total = ThreadPoolExecutor(1, thread_name_prefix="nfb-count").submit(count)
-    if total is not None and total == result.resumed_rows and wd is not None:
-        log("all rows were already done; merging")
-    else:
-        _process(cfg, task, engine_factory, progress, result, done, wd, total, row_col)
-
-    if wd is not None:
-        meta.update(started=(wd.state() or {}).get("started"), finished=_now())
-        result.rows = _finalize(cfg, task, wd, meta, result, row_col)
-        wd.remove()
-    else:
-        result.rows = result.new_rows
+    with _sigterm_as_interrupt():
+        try:
+            if result.resumed_rows:  # the count decides whether the model is needed at all
+                total: int | None | Future = count()
+            else:  # a fresh run: count beside the engine start, for the progress bar only
+                total = ThreadPoolExecutor(1, thread_name_prefix="nfb-count").submit(count)
+            if total is not None and total == result.resumed_rows and wd is not None:
+                log("all rows were already done; merging")
+            else:
+                _process(cfg, task, engine_factory, progress, result, done, wd, total, row_col)
+            if wd is not None:
+                meta.update(started=(wd.state() or {}).get("started"), finished=_now())
+                result.rows = _finalize(cfg, task, wd, meta, result, row_col)
+                wd.remove()
+            else:
+                result.rows = result.new_rows
+        except KeyboardInterrupt:
+            saved = result.resumed_rows + result.new_rows
+            raise Interrupted(
+                f"interrupted: {saved:,} rows are saved in "
+                f"{wd.path if wd else 'the output'}; run the same command again to go on"
+            ) from None
     result.seconds = time.monotonic() - t0
     return result
 
@@ -347,101 +389,266 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
         emit(table)
         progress.advance(len(table))
 
-    collector = Collector(task, cfg.prefix, emit_and_report, result)
     t_load = time.monotonic()
-    engine = engine_factory()
+    engine = _start(engine_factory, wd)
     result.load_seconds = time.monotonic() - t_load
+    restarts = cfg.engine.engine_restarts
+    pending_total = total if isinstance(total, Future) else None
+    progress.start(None if pending_total else total, result.resumed_rows)
+
+    def poll_total() -> None:
+        nonlocal pending_total
+        if pending_total is not None and pending_total.done():
+            if pending_total.exception() is None and pending_total.result() is not None:
+                progress.set_total(pending_total.result())
+            pending_total = None
+
     try:
-        budget = task.prompt_budget(engine.max_model_len)
-        if budget <= 0:
-            raise ConfigError(
-                f"the model allows {engine.max_model_len} tokens in all, which leaves no room "
-                f"for a prompt: lower --max-tokens or raise --max-model-len")
-        window = max(1, getattr(engine, "cfg", cfg.engine).max_in_flight)
-        max_held = 8 * window + cfg.batch_rows
-        pending_total = total if isinstance(total, Future) else None
-        progress.start(None if pending_total else total, result.resumed_rows)
-
-        def poll_total() -> None:
-            nonlocal pending_total
-            if pending_total is not None and pending_total.done():
-                if pending_total.exception() is None and pending_total.result() is not None:
-                    progress.set_total(pending_total.result())
-                pending_total = None
-
-        requests = _requests(cfg, task, engine, collector, done, budget, sink)
-        with _sigterm_as_interrupt():
+        while True:
+            collector = Collector(task, cfg.prefix, emit_and_report, result)
             try:
-                for (p, i), values in task.run(engine, requests,
-                                               lambda: collector.held < max_held):
-                    collector.resolve(p, i, values)
-                    if sink is not None:
-                        sink.maybe_flush()
-                    poll_total()
-            except KeyboardInterrupt:
+                _stream_rows(cfg, task, engine, collector, done, sink, poll_total)
+                break
+            except EngineDied as e:
                 if sink is not None:
                     sink.flush()
-                raise Interrupted(
-                    f"interrupted: {result.resumed_rows + result.new_rows:,} rows are saved in "
-                    f"{wd.path if wd else 'the output'}; run the same command again to go on"
-                ) from None
-        collector.drain()
-        if collector.queue:  # every request came back, so nothing may be left waiting
-            raise RunError("internal error: rows left unfinished")
+                saved = result.resumed_rows + result.new_rows
+                engine.close()
+                engine = None
+                if restarts <= 0:
+                    where = f" in {wd.path}" if wd is not None else ""
+                    raise EngineDied(f"{e}; {saved:,} rows are saved{where}; run the same "
+                                     "command again to go on") from None
+                restarts -= 1
+                progress.note(f"{e}; restarting the engine ({restarts} restart(s) left)")
+                done = _union(done, collector.emitted)
+                t_load = time.monotonic()
+                engine = _start(engine_factory, wd)
+                result.load_seconds += time.monotonic() - t_load
         if sink is not None:
             sink.flush()
         if out_writer is not None:
             out_writer.close()
     finally:
         progress.stop()
-        engine.close()
+        if engine is not None:
+            engine.close()
+        if wd is not None:
+            (wd.path / ENGINE_FILE).unlink(missing_ok=True)
 
 
-def _requests(cfg: RunConfig, task: Task, engine: Engine, collector: Collector,
-              done: np.ndarray, budget: int, sink: PartWriter | None
-              ) -> Iterator[tuple[tuple[_Pending, int], list[int]]]:
-    """Read chunks, turn rows into token ids, register them, yield engine requests."""
-    fields = cfg.fields
-    needed = fields.needed
-    for chunk in read_chunks(list(cfg.inputs), cfg.batch_rows):
-        if cfg.limit is not None and chunk.first_row >= cfg.limit:
-            break
+ENGINE_FILE = "engine.json"
+
+
+def _start(engine_factory: Callable[[], Engine], wd: WorkDir | None) -> Engine:
+    """Start the engine; record its processes in the work directory (for leftovers)."""
+    engine = engine_factory()
+    pids = getattr(engine, "pids", None)
+    if wd is not None and callable(pids):
+        import orjson
+        tmp = wd.path / f".{ENGINE_FILE}.tmp"
+        tmp.write_bytes(orjson.dumps({"pids": pids()}))
+        os.replace(tmp, wd.path / ENGINE_FILE)
+    return engine
+
+
+def stop_leftover_engine(wd: WorkDir, log: Callable[[str], None]) -> None:
+    """A killed run may have left its engine running (its pids are in the work directory):
+    stop it before this run loads the model, checking each pid is still that process."""
+    import orjson
+
+    path = wd.path / ENGINE_FILE
+    try:
+        pids = orjson.loads(path.read_bytes()).get("pids") or []
+    except (OSError, ValueError):
+        return
+    from nfb.engines.guard import kill_processes
+    n = kill_processes([(int(p), float(t)) for p, t in pids])
+    if n:
+        log(f"stopped {n} leftover engine process(es) of an earlier, killed run")
+    path.unlink(missing_ok=True)
+
+
+def _union(done: np.ndarray, emitted: list[np.ndarray]) -> np.ndarray:
+    if not emitted:
+        return done
+    rows = np.concatenate(emitted)
+    size = max(len(done), int(rows.max()) + 1)
+    out = np.zeros(size, dtype=bool)
+    out[: len(done)] = done
+    out[rows] = True
+    return out
+
+
+def _stream_rows(cfg: RunConfig, task: Task, engine: Engine, collector: Collector,
+                 done: np.ndarray, sink: PartWriter | None, poll_total: Callable[[], None]
+                 ) -> None:
+    """Feed every row not yet done through the engine; emit finished chunks in order."""
+    budget = task.prompt_budget(engine.max_model_len)
+    if budget <= 0:
+        raise UsageError(
+            f"the model allows {engine.max_model_len} tokens in all, which leaves no room "
+            f"for a prompt: lower --max-tokens or raise --max-model-len")
+    window = max(1, cfg.engine.max_in_flight)
+    max_held = 8 * window + cfg.batch_rows
+    feeder = Feeder(cfg, task, engine.tokenizer, done, budget)
+    try:
+        requests = _requests(feeder, collector, sink)
+
+        def can_feed() -> bool:
+            return collector.held < max_held
+
+        if task.runner == "generate":
+            stream = engine.generate(requests, task.sampling, can_feed)
+        else:
+            stream = engine.classify(requests, can_feed)
+        try:
+            for key, value in stream:
+                collector.output(key, value)
+                if sink is not None:
+                    sink.maybe_flush()
+                poll_total()
+        except BaseException:
+            if sink is not None:  # keep every finished row, whatever stopped the run
+                collector.drain()
+                sink.flush()
+            raise
+        collector.drain()
+        if collector.queue:  # every request came back, so nothing may be left waiting
+            raise RunError("internal error: rows left unfinished")
+    finally:
+        feeder.close()
+
+
+@dataclass
+class _Prepared:
+    """A chunk read, validated and rendered to token ids, ready for the engine."""
+
+    pending: _Pending
+    failed: list[tuple[int, str]]                       # (row in chunk, reason)
+    requests: list[tuple[int, list[list[int]]]]         # (row in chunk, ids per request)
+
+
+class Feeder:
+    """Reads, validates and tokenizes chunks ahead of the engine, in worker threads.
+
+    Rendering (chat template) and tokenization are the main cost per row before the engine;
+    a reader thread pulls chunks and hands each to a pool of workers (the Rust tokenizer
+    releases the GIL), so stepping the engine never waits on them. Chunks come out in input
+    order; memory is bounded by `ahead` chunks.
+    """
+
+    def __init__(self, cfg: RunConfig, task: Task, tokenizer, done: np.ndarray, budget: int,
+                 workers: int | None = None, ahead: int | None = None):
+        import queue
+        import threading
+
+        self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
+        self.done, self.budget = done, budget
+        self.workers = workers or max(1, min(4, (os.cpu_count() or 1)))
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nfb-tokenize")
+        self._queue: queue.Queue = queue.Queue(maxsize=ahead or 2 * self.workers + 2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="nfb-read", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self) -> None:
+        cfg = self.cfg
+        try:
+            for chunk in read_chunks(list(cfg.inputs), cfg.batch_rows):
+                if cfg.limit is not None and chunk.first_row >= cfg.limit:
+                    break
+                if not self._put(self._pool.submit(self._prepare, chunk)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._put(e)
+            return
+        self._put(None)
+
+    def __iter__(self) -> Iterator[_Prepared]:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            prepared = item.result()
+            if prepared is not None:
+                yield prepared
+
+    def _prepare(self, chunk: Chunk) -> _Prepared | None:
+        cfg, task = self.cfg, self.task
         rows = np.arange(chunk.first_row, chunk.first_row + len(chunk), dtype=np.int64)
         keep = np.ones(len(rows), dtype=bool)
         if cfg.limit is not None:
             keep &= rows < cfg.limit
         if cfg.shard:
             keep &= rows % cfg.shard.count == cfg.shard.index
+        done = self.done
         if len(done):
             in_range = rows < len(done)
             keep[in_range] &= ~done[rows[in_range]]
         idx = np.flatnonzero(keep)
         if len(idx) == 0:
-            continue
+            return None
         table = chunk.table if len(idx) == len(rows) else chunk.table.take(pa.array(idx))
         p = _Pending(table, rows[idx])
-        dicts = _row_dicts(chunk, idx, needed)
-        convs: list[tuple[int, list[dict]]] = []
+        dicts = _row_dicts(chunk, idx, cfg.fields.needed)
+        failed: list[tuple[int, str]] = []
+        prompts, owners = [], []
         for j, (i, d) in enumerate(zip(idx, dicts)):
             err = chunk.errors[i]
             if err is None:
-                conv, err = to_conversation(d, fields)
+                conv, err = to_conversation(d, cfg.fields)
             if err is not None:
-                collector.fail(p, j, err)
-            else:
-                convs.append((j, task.messages(conv)))
+                failed.append((j, err))
+                continue
+            for pr in task.prompts(conv):
+                prompts.append(pr)
+                owners.append(j)
+        ids = render(self.tokenizer, prompts)
+        by_row: dict[int, list[list[int]]] = {}
+        for j, toks in zip(owners, ids):
+            by_row.setdefault(j, []).append(toks)
         requests = []
-        if convs:
-            ids = engine.encode_chats([c for _, c in convs], task.add_generation_prompt)
-            for (j, _), toks in zip(convs, ids):
-                if len(toks) > budget:
-                    collector.fail(p, j, f"prompt_too_long:{len(toks)} tokens > {budget}")
-                else:
-                    requests.append(((p, j), toks))
+        for j, toks in by_row.items():
+            longest = max(len(t) for t in toks)
+            if longest > self.budget:
+                failed.append((j, f"prompt_too_long:{longest} tokens > {self.budget}"))
+            else:
+                requests.append((j, toks))
+        return _Prepared(p, failed, requests)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _requests(feeder: Feeder, collector: Collector, sink: PartWriter | None
+              ) -> Iterator[tuple[tuple[_Pending, int, int], list[int]]]:
+    """Register prepared chunks with the collector and yield their engine requests."""
+    for prep in feeder:
+        p = prep.pending
+        for j, reason in prep.failed:
+            collector.fail(p, j, reason)
+        for j, toks in prep.requests:
+            collector.expect(p, j, len(toks))
         collector.add(p)
         if sink is not None:
             sink.maybe_flush()
-        yield from requests
+        for j, toks in prep.requests:
+            for k, ids in enumerate(toks):
+                yield (p, j, k), ids
 
 
 def _row_dicts(chunk: Chunk, idx: np.ndarray, needed: tuple[str, ...]) -> list[dict]:

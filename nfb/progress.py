@@ -88,6 +88,11 @@ class RichProgress:
         total = f"/{self._total:,}" if self._total is not None else ""
         return f"{self._done:,}{total} rows, {rate:,.1f} rows/s, eta {_fmt_eta(eta)}"
 
+    def note(self, message: str) -> None:
+        """A line above the bar (e.g. an engine restart)."""
+        if self.enabled:
+            self.console.print(f"[yellow]{message}[/]")
+
     def stop(self) -> None:
         if self._bar is not None:
             self._bar.stop()

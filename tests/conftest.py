@@ -1,8 +1,10 @@
 """Fixtures: tiny random models built offline, and one real vLLM engine per model.
 
-Starting a vLLM engine takes 30-45 s on a CPU, so CLI tests share engines: `nfb.cli`'s
-`make_engine` is patched to hand out a cached engine (same model, runner and settings)
-whose close() is a no-op. Everything else, the CLI included, runs as a user runs it.
+Starting a vLLM engine takes 30-45 s on a CPU, so CLI tests share engines: the library's
+engine seam (`nfb.engines`) hands out a cached engine (same model, runner and engine
+settings) whose close() is a no-op. Tests of mechanics use the stub engine (tests/
+stub_engine.py: a real tokenizer and chat template, deterministic outputs, no vLLM).
+Everything else, the CLI included, runs as a user runs it.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
 class _Shared:
     """A cached engine handed to one run; close() leaves it running for the next test."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, max_in_flight: int):
         self._engine = engine
+        engine.cfg = dataclasses.replace(engine.cfg, max_in_flight=max_in_flight)
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
@@ -56,37 +59,68 @@ class _Shared:
         pass
 
 
+def engine_key(cfg, runner: str) -> tuple:
+    """Every engine setting that can change what the engine computes."""
+    return (cfg.model, runner, cfg.revision, cfg.tensor_parallel_size, cfg.dtype,
+            cfg.max_model_len, orjson.dumps(cfg.hf_overrides, option=orjson.OPT_SORT_KEYS),
+            cfg.enable_prefix_caching, cfg.enforce_eager, cfg.trust_remote_code)
+
+
 def shared_engine(engine_cfg, runner: str):
     from nfb.engines.vllm import VLLMEngine
 
-    key = (engine_cfg.model, runner, engine_cfg.tensor_parallel_size, engine_cfg.dtype,
-           engine_cfg.reward_token, engine_cfg.max_model_len)
+    key = engine_key(engine_cfg, runner)
     if key not in _ENGINES:
-        _ENGINES[key] = VLLMEngine(engine_cfg, runner, 0.2)
-    eng = _ENGINES[key]
-    eng.cfg = dataclasses.replace(eng.cfg, max_in_flight=engine_cfg.max_in_flight)
-    return _Shared(eng)
+        _ENGINES[key] = VLLMEngine(dataclasses.replace(engine_cfg, gpu_memory_utilization=0.2),
+                                   runner)
+    return _Shared(_ENGINES[key], engine_cfg.max_in_flight)
 
 
 @pytest.fixture
-def cli(monkeypatch):
-    """Invoke the nfb CLI in-process (Typer's CliRunner) with shared engines."""
+def engines(monkeypatch):
+    """The library's engine seam: `engines("vllm", factory)` replaces an engine for a test."""
+    import nfb.engines
+
+    def use(name, factory):
+        monkeypatch.setitem(nfb.engines._FACTORIES, name, factory)
+    return use
+
+
+def _invoker(monkeypatch):
     from typer.testing import CliRunner
 
     import nfb.cli
 
-    real = nfb.cli.make_engine
-
-    def make(cfg, runner, mem):
-        if cfg.backend != "vllm":  # Ray runs its own engines in its workers
-            return real(cfg, runner, 0.2)
-        return shared_engine(cfg, runner)
-    monkeypatch.setattr(nfb.cli, "make_engine", make)
+    monkeypatch.setenv("COLUMNS", "200")
     runner = CliRunner()
 
     def invoke(*args, input=None):
         return runner.invoke(nfb.cli.app, [str(a) for a in args], input=input)
     return invoke
+
+
+@pytest.fixture
+def cli(monkeypatch, engines):
+    """Invoke the nfb CLI in-process (Typer's CliRunner); real vLLM engines, shared between
+    tests (same model and engine settings) through the library's engine seam."""
+    engines("vllm", shared_engine)
+    return _invoker(monkeypatch)
+
+
+@pytest.fixture
+def stub_cli(monkeypatch, engines):
+    """The nfb CLI with the stub engine in place of vLLM: mechanics in milliseconds."""
+    from stub_engine import StubEngine
+
+    engines("vllm", StubEngine)
+    return _invoker(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_model(tmp_path_factory) -> Path:
+    """A model directory with a real tokenizer and chat template but random tiny weights:
+    all the stub engine needs (no vLLM)."""
+    return tiny_models.build_causal_lm(tmp_path_factory.mktemp("stub") / "causal")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -114,7 +114,7 @@ def test_constrain_level_gives_every_row_a_level(cli, models, tmp_path):
     assert all(x["feedback"].startswith("The response is ") for x in rows)
     assert all(x["feedback_level"] in range(1, 6) for x in rows)
     meta = orjson.loads((tmp_path / "out.jsonl.nfb.json").read_bytes())
-    assert meta["sampling"]["constrain_level"] is True
+    assert meta["sampling"]["regex"].startswith("The response is (not|slightly")
 
 
 def test_prompt_too_long_is_an_error_row(cli, models, tmp_path):
@@ -128,14 +128,13 @@ def test_prompt_too_long_is_an_error_row(cli, models, tmp_path):
     assert errs[0] is None and errs[2] is None and errs[1].startswith("prompt_too_long:")
 
 
-def test_column_clash_fails_before_loading(cli, models, tmp_path, monkeypatch):
-    import nfb.cli
-
+def test_column_clash_fails_before_loading(stub_cli, engines, tiny_tokenizer_model, tmp_path):
     def boom(*a):
         raise AssertionError("the model must not load")
-    monkeypatch.setattr(nfb.cli, "make_engine", boom)
+    engines("vllm", boom)
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "response": "r", "feedback": "x"}])
-    r = cli("feedback", src, "-o", tmp_path / "o.parquet", "--model", models["causal"], *FAST)
+    r = stub_cli("feedback", src, "-o", tmp_path / "o.parquet", "--model",
+                 tiny_tokenizer_model, *FAST)
     assert r.exit_code == 2 and "--prefix" in r.output
 
 

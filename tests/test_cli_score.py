@@ -115,10 +115,8 @@ def test_token_logit_route(cli, models, src, tmp_path):
     (["--weights", "nope=1"], "not an attribute"),
     (["--attributes", "a,b"], "names 2 heads"),
 ])
-def test_bad_weights_exit_2_before_loading(cli, models, src, tmp_path, monkeypatch, args, match):
-    import nfb.cli
-
-    monkeypatch.setattr(nfb.cli, "make_engine", lambda *a: (_ for _ in ()).throw(AssertionError))
+def test_bad_weights_exit_2_before_loading(cli, engines, models, src, tmp_path, args, match):
+    engines("vllm", lambda *a: (_ for _ in ()).throw(AssertionError))
     r = cli("score", src[0], "-o", tmp_path / "o.parquet", "--model", models["rm9"], *args)
     assert r.exit_code == 2 and match in r.output.replace("\n", " ")
 

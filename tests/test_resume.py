@@ -101,10 +101,8 @@ def test_sigterm_checkpoints_and_exits_130(data, models, tmp_path):
     assert len(parts(out)) >= 2
 
 
-def test_resume_in_process_refuses_other_settings_and_rerun_is_free(cli, data, models,
-                                                                     tmp_path, monkeypatch):
-    import nfb.cli
-
+def test_resume_in_process_refuses_other_settings_and_rerun_is_free(cli, engines, data, models,
+                                                                     tmp_path):
     src, ref = data
     out = tmp_path / "out.parquet"
     p = start(src, out, models["causal"])
@@ -121,15 +119,14 @@ def test_resume_in_process_refuses_other_settings_and_rerun_is_free(cli, data, m
     # running the finished command again does nothing and loads nothing
     def boom(*a):
         raise AssertionError("the model must not load")
-    monkeypatch.setattr(nfb.cli, "make_engine", boom)
+    engines("vllm", boom)
     r = cli("feedback", src, "-o", out, "--model", models["causal"], *ARGS)
     assert r.exit_code == 0 and "already complete" in r.output
     # an existing output from other settings is refused; --overwrite replaces it
     r = cli("feedback", src, "-o", out, "--model", models["causal"], *ARGS, "--limit", "5")
     assert r.exit_code == 2 and "--overwrite" in r.output
-    monkeypatch.undo()
     import conftest
-    monkeypatch.setattr(nfb.cli, "make_engine", lambda c, rn, m: conftest.shared_engine(c, rn))
+    engines("vllm", conftest.shared_engine)
     r = cli("feedback", src, "-o", out, "--model", models["causal"], *ARGS, "--limit", "5",
             "--overwrite")
     assert r.exit_code == 0, r.output

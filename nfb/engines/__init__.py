@@ -1,0 +1,62 @@
+"""Engines and the one seam that starts them.
+
+`make_engine(cfg, runner)` starts the engine named by `cfg.backend`: "vllm" (in this process)
+or "ray" (Ray Data LLM). `register_engine(name, factory)` adds or replaces one; tests use it
+to hand runs a shared or stub engine, and a site can plug in its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from nfb.config import EngineConfig
+
+Factory = Callable[[EngineConfig, str], Any]
+
+
+def _vllm(cfg: EngineConfig, runner: str):
+    from nfb.engines.vllm import VLLMEngine
+    return VLLMEngine(cfg, runner)
+
+
+def _ray(cfg: EngineConfig, runner: str):
+    from nfb.engines.ray import RayEngine
+    return RayEngine(cfg, runner)
+
+
+def _check_ray() -> None:
+    from nfb.engines.ray import check_ray
+    check_ray()
+
+
+_FACTORIES: dict[str, Factory] = {"vllm": _vllm, "ray": _ray}
+# capability checks that need no model (run before anything loads)
+_CHECKS: dict[str, Callable[[], None]] = {"ray": _check_ray}
+
+
+def register_engine(name: str, factory: Factory, check: Callable[[], None] | None = None
+                    ) -> Factory | None:
+    """Make `--engine NAME` start `factory(cfg, runner)`; returns the factory it replaced."""
+    old = _FACTORIES.get(name)
+    _FACTORIES[name] = factory
+    if check is not None:
+        _CHECKS[name] = check
+    return old
+
+
+def engine_names() -> list[str]:
+    return list(_FACTORIES)
+
+
+def check_engine(name: str) -> None:
+    from nfb.errors import UsageError
+
+    if name not in _FACTORIES:
+        raise UsageError(f"--engine {name!r}: use {' or '.join(_FACTORIES)}")
+    if name in _CHECKS:
+        _CHECKS[name]()
+
+
+def make_engine(cfg: EngineConfig, runner: str):
+    return _FACTORIES[cfg.backend](cfg, runner)

@@ -1,8 +1,8 @@
 """What the pipeline needs from an engine.
 
-An engine turns conversations into prompt token ids (with the model's chat template, so
-lengths are checked on exactly what the model will see), and streams results back as they
-finish while the caller keeps feeding it. Engines know nothing of files.
+An engine holds a loaded model and its tokenizer, takes requests as prompt token ids (the
+pipeline renders and length-checks them), and streams results back as they finish while the
+caller keeps feeding it. Engines know nothing of files or tasks.
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ Request = tuple[Any, list[int]]          # (caller's key, prompt token ids)
 
 class Engine(Protocol):
     max_model_len: int
-
-    def encode_chats(self, conversations: list[list[dict[str, str]]],
-                     add_generation_prompt: bool) -> list[list[int]]:
-        """Token ids of each conversation rendered with the chat template."""
+    tokenizer: Any                       # a Hugging Face tokenizer (chat template, encode)
 
     def generate(self, requests: Iterable[Request], sampling: SamplingConfig,
                  can_feed: Callable[[], bool]) -> Iterator[tuple[Any, list[str]]]:
@@ -31,10 +28,3 @@ class Engine(Protocol):
         """(key, raw head outputs) as each request finishes; pulls requests lazily."""
 
     def close(self) -> None: ...
-
-
-class ModelInfo(Protocol):
-    """What `score` needs to know about the heads before it runs."""
-
-    num_heads: int
-    id2label: dict | None

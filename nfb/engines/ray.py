@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from nfb.config import ConfigError, EngineConfig, SamplingConfig
+from nfb.config import EngineConfig, SamplingConfig
+from nfb.errors import UsageError
 from nfb.engines.base import Request
-from nfb.engines.vllm import engine_kwargs, render_chats, sampling_kwargs
+from nfb.engines.vllm import engine_kwargs, sampling_kwargs
 
 INSTALL = "pip install 'nfb[ray]'   (ray[data])"
 
@@ -26,13 +27,13 @@ def check_ray() -> None:
         import ray  # noqa: F401
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig  # noqa: F401
     except ImportError:
-        raise ConfigError(f"--engine ray needs Ray Data: {INSTALL}") from None
+        raise UsageError(f"--engine ray needs Ray Data: {INSTALL}") from None
 
 
 class RayEngine:
     """Engine protocol over Ray Data LLM processors."""
 
-    def __init__(self, cfg: EngineConfig, runner: str, gpu_memory_utilization: float):
+    def __init__(self, cfg: EngineConfig, runner: str):
         import ray
         from transformers import AutoTokenizer
 
@@ -50,17 +51,13 @@ class RayEngine:
             cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         info = read_model_info(cfg.model, cfg.revision, cfg.trust_remote_code)
         self.max_model_len: int = cfg.max_model_len or info.max_position_embeddings or 4096
-        kwargs = engine_kwargs(cfg, runner, gpu_memory_utilization)
+        kwargs = engine_kwargs(cfg, runner)
         kwargs["max_model_len"] = self.max_model_len
         self.engine_kwargs = kwargs
         gpus = ray.cluster_resources().get("GPU", 0)
         # a cluster without GPUs (CPU vLLM): one CPU bundle per tensor-parallel worker
         self.placement = None if gpus else {
             "bundles": [{"CPU": 1} for _ in range(cfg.tensor_parallel_size)]}
-
-    def encode_chats(self, conversations: list[list[dict[str, str]]],
-                     add_generation_prompt: bool) -> list[list[int]]:
-        return render_chats(self.tokenizer, conversations, add_generation_prompt)
 
     def _processor(self, task_type: str, preprocess: Callable, postprocess: Callable):
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -44,59 +45,31 @@ def _cpu_thread_binding(tp: int) -> str:
     return "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
 
 
-def token_classifier_overrides(model: str, token: str, trust_remote_code: bool,
-                               revision: str | None = None) -> dict:
-    """hf_overrides that make vLLM read one token's logit as a 1-head classifier.
-
-    This is vLLM's own route for causal LMs used as scorers (`classifier_from_token` with
-    method `no_post_processing`): the head's weight is that token's row of lm_head.
-    """
-    from transformers import AutoConfig, AutoTokenizer
-
-    cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code,
-                                     revision=revision)
-    if token.isdigit():  # a token id, e.g. 0 for Llama-3.1-Nemotron-70B-Reward-HF
-        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code,
-                                            revision=revision)
-        token = tok.convert_ids_to_tokens(int(token))
-    archs = [a.replace("ForCausalLM", "ForSequenceClassification")
-             for a in (cfg.architectures or [])]
-    if not archs or not all(a.endswith("ForSequenceClassification") for a in archs):
-        raise ValueError(f"{model}: --reward-token needs a *ForCausalLM model "
-                         f"(found {cfg.architectures})")
-    return {"architectures": archs, "classifier_from_token": [token],
-            "method": "no_post_processing", "num_labels": 1}
-
-
-def render_chats(tokenizer, conversations: list[list[dict[str, str]]],
-                 add_generation_prompt: bool) -> list[list[int]]:
-    """Token ids of each conversation through the chat template, as `LLM.chat` renders them
-    (template to text, then one batched encode without extra special tokens)."""
-    texts = [tokenizer.apply_chat_template(c, tokenize=False,
-                                           add_generation_prompt=add_generation_prompt)
-             for c in conversations]
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
 def sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
     """SamplingParams arguments for a feedback run (shared by the in-process and Ray engines)."""
     kwargs: dict[str, Any] = dict(temperature=sampling.temperature, top_p=sampling.top_p,
                                   max_tokens=sampling.max_tokens, seed=sampling.seed)
-    if sampling.constrain_level:
-        from nfb.tasks.feedback import CONSTRAINED_REGEX
-        kwargs["structured_outputs"] = {"regex": CONSTRAINED_REGEX}
+    if sampling.regex:
+        kwargs["structured_outputs"] = {"regex": sampling.regex}
     return kwargs
 
 
-def engine_kwargs(cfg: EngineConfig, runner: str, gpu_memory_utilization: float) -> dict:
+def memory_fraction(cfg: EngineConfig) -> float:
+    """--gpu-memory-utilization, or its default: 0.9 on a GPU, 0.2 on a CPU (where vLLM sizes
+    the KV cache from RAM)."""
+    if cfg.gpu_memory_utilization is not None:
+        return cfg.gpu_memory_utilization
+    return 0.2 if on_cpu() else 0.9
+
+
+def engine_kwargs(cfg: EngineConfig, runner: str) -> dict:
     """vLLM engine arguments for `cfg` (shared by the in-process and Ray engines)."""
     kwargs: dict[str, Any] = dict(
         revision=cfg.revision, tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype,
         trust_remote_code=cfg.trust_remote_code,
-        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
-        seed=cfg.seed if cfg.seed is not None else 0)
+        gpu_memory_utilization=memory_fraction(cfg), enforce_eager=cfg.enforce_eager)
+    if cfg.enable_prefix_caching is not None:
+        kwargs["enable_prefix_caching"] = cfg.enable_prefix_caching
     if cfg.max_model_len:
         kwargs["max_model_len"] = cfg.max_model_len
     if runner == "generate" and on_cpu():
@@ -104,42 +77,149 @@ def engine_kwargs(cfg: EngineConfig, runner: str, gpu_memory_utilization: float)
         # prefill is split over steps ("CPU Generator does not use offset"); whole
         # prefills avoid it. GPUs keep chunked prefill.
         kwargs["enable_chunked_prefill"] = False
-    if cfg.reward_token is not None:
-        kwargs["hf_overrides"] = token_classifier_overrides(
-            cfg.model, cfg.reward_token, cfg.trust_remote_code, cfg.revision)
+    if cfg.hf_overrides:
+        kwargs["hf_overrides"] = dict(cfg.hf_overrides)
     return kwargs
 
 
 class VLLMEngine:
-    """One vLLM `LLM` for a run: 'generate' for feedback, 'pooling' for score."""
+    """One vLLM `LLM` for a run: 'generate' for feedback, 'pooling' for score.
 
-    def __init__(self, cfg: EngineConfig, runner: str, gpu_memory_utilization: float | None):
+    Faults: the engine's processes are registered with a guardian (nfb.engines.guard) so they
+    never outlive nfb; a watchdog thread notices within a second when the engine process
+    dies, or when no request finishes for `stall_timeout` seconds, and turns the hang vLLM
+    would otherwise wait in into `EngineDied` with the cause in one line. A failed start
+    becomes `ModelError` with the cause read from the engine's own output.
+    """
+
+    def __init__(self, cfg: EngineConfig, runner: str):
         if cfg.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ \
                 and on_cpu():
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_thread_binding(cfg.tensor_parallel_size)
-        from vllm import LLM
+        import time
+
+        from nfb.engines.guard import Guardian, snapshot_children
+        from nfb.logs import CapturedStderr, verbose
 
         self.cfg = cfg
         self.runner = runner
-        self.llm = LLM(model=cfg.model, runner=runner,
-                       **engine_kwargs(cfg, runner, gpu_memory_utilization))
+        self.llm = None
+        self._dead: str | None = None
+        self._closing = False
+        self._last_progress = time.monotonic()
+        self._busy = False
+        self.guardian = Guardian()
+        self.log = None if verbose() else CapturedStderr()
+        started = time.time()
+        watcher_stop = threading.Event()
+
+        def watch_load() -> None:  # register engine processes while they appear
+            while not watcher_stop.wait(0.5):
+                for pid, ctime in snapshot_children(started):
+                    if pid != self.guardian.proc.pid:
+                        self.guardian.add(pid, ctime)
+        loader = threading.Thread(target=watch_load, name="nfb-load-watch", daemon=True)
+        loader.start()
+        try:
+            from vllm import LLM
+
+            kwargs = engine_kwargs(cfg, runner)
+            if self.log is not None:
+                with self.log:
+                    self.llm = LLM(model=cfg.model, runner=runner, **kwargs)
+            else:
+                self.llm = LLM(model=cfg.model, runner=runner, **kwargs)
+        except KeyboardInterrupt:
+            self._abandon()
+            raise
+        except Exception as e:  # noqa: BLE001 - vLLM raises many kinds
+            from nfb.engines.diagnose import load_failure
+            from nfb.errors import ModelError
+
+            message = load_failure(e, self.log.text() if self.log else "")
+            self._abandon()
+            raise ModelError(message) from None
+        finally:
+            watcher_stop.set()
+        for pid, ctime in snapshot_children(started):
+            if pid != self.guardian.proc.pid:
+                self.guardian.add(pid, ctime)
         self.engine = self.llm.llm_engine
         self.tokenizer = self.llm.get_tokenizer()
         mc = self.llm.llm_engine.model_config
         self.max_model_len: int = mc.max_model_len
-        hf = mc.hf_config
-        self.id2label = dict(getattr(hf, "id2label", None) or {}) or None
-        self.num_heads = int(getattr(hf, "num_labels", 1) or 1) if runner == "pooling" else 0
         self._ids = itertools.count()
+        self._watchdog = threading.Thread(target=self._watch, name="nfb-engine-watch",
+                                          daemon=True)
+        self._watchdog.start()
 
-    # --- prompts -------------------------------------------------------------------------
-    def encode_chats(self, conversations: list[list[dict[str, str]]],
-                     add_generation_prompt: bool) -> list[list[int]]:
-        return render_chats(self.tokenizer, conversations, add_generation_prompt)
+    def pids(self) -> list[tuple[int, float]]:
+        """(pid, start time) of the engine's processes (recorded for leftovers)."""
+        return list(self.guardian.records.items())
+
+    # --- faults --------------------------------------------------------------------------
+    def _procs(self) -> list:
+        client = getattr(self.engine, "engine_core", None)
+        mgr = getattr(getattr(client, "resources", None), "engine_manager", None)
+        return list(getattr(mgr, "processes", None) or [])
+
+    def _wake(self) -> None:
+        """Unblock a step() waiting for output from an engine that will never answer."""
+        client = getattr(self.engine, "engine_core", None)
+        q = getattr(client, "outputs_queue", None)
+        if q is not None:
+            try:
+                from vllm.v1.engine.exceptions import EngineDeadError
+                q.put_nowait(EngineDeadError())
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _watch(self) -> None:
+        import time
+
+        from nfb.engines.diagnose import death
+
+        while not self._closing and self._dead is None:
+            time.sleep(0.5)
+            if self._closing:
+                return
+            for proc in self._procs():
+                if proc.exitcode is not None:
+                    self._dead = death(proc.pid, proc.exitcode)
+            client = getattr(self.engine, "engine_core", None)
+            resources = getattr(client, "resources", None)
+            if self._dead is None and getattr(resources, "engine_dead", False):
+                self._dead = death(None, None)
+            if self._dead is None and self._busy and \
+                    time.monotonic() - self._last_progress > self.cfg.stall_timeout:
+                self._dead = (f"the engine made no progress for {self.cfg.stall_timeout:g} s "
+                              "(stalled; see --stall-timeout)")
+            if self._dead is not None:
+                self._wake()
+                return
+
+    def _step(self):
+        import time
+
+        from nfb.errors import EngineDied
+
+        if self._dead is not None:
+            raise EngineDied(self._dead)
+        try:
+            outs = self.engine.step()
+        except Exception as e:  # noqa: BLE001
+            if self._dead is None:
+                time.sleep(1.0)  # let the watchdog see a dead process, for the message
+            raise EngineDied(self._dead or f"the engine failed: {e!s:.300}") from None
+        if self._dead is not None:
+            raise EngineDied(self._dead)
+        return outs
 
     # --- streaming -----------------------------------------------------------------------
     def _stream(self, requests: Iterable[Request], params: Any,
                 can_feed: Callable[[], bool]) -> Iterator[tuple[Any, Any]]:
+        import time
+
         from vllm.inputs import TokensPrompt
 
         engine = self.engine
@@ -159,14 +239,20 @@ class VLLMEngine:
                     engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), params)
                     inflight[rid] = key
                 if not inflight:
+                    self._busy = False
                     if exhausted:
                         return
                     continue  # the caller drained its buffer; feed again
-                for out in engine.step():
+                if not self._busy:
+                    self._busy = True
+                    self._last_progress = time.monotonic()
+                for out in self._step():
                     if out.finished:
+                        self._last_progress = time.monotonic()
                         yield inflight.pop(out.request_id), out
         finally:
-            if inflight:  # interrupted: leave the engine clean
+            self._busy = False
+            if inflight and self._dead is None:  # interrupted: leave the engine clean
                 try:
                     engine.abort_request(list(inflight))
                 except Exception:  # noqa: BLE001 - best effort during shutdown
@@ -194,7 +280,17 @@ class VLLMEngine:
         for key, out in self._stream(requests, params, can_feed):
             yield key, [float(x) for x in out.outputs.data.float().tolist()]
 
+    def _abandon(self) -> None:
+        """A failed or interrupted start: kill what was spawned, keep no log."""
+        from nfb.engines.guard import kill_processes
+
+        kill_processes(list(self.guardian.records.items()), grace=1.0)
+        self.guardian.release()
+        if self.log is not None:
+            self.log.remove()
+
     def close(self) -> None:
+        self._closing = True
         llm, self.llm = getattr(self, "llm", None), None
         if llm is None:
             return
@@ -202,3 +298,10 @@ class VLLMEngine:
             llm.llm_engine.engine_core.shutdown()
         except Exception:  # noqa: BLE001
             pass
+        from nfb.engines.guard import kill_processes
+
+        # whatever the shutdown left (a dead engine's workers): stop it now
+        kill_processes(list(self.guardian.records.items()), grace=2.0)
+        self.guardian.release()
+        if self.log is not None:
+            self.log.remove()

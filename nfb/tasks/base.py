@@ -1,36 +1,36 @@
-"""What a task is to the pipeline: the conversation it sends, the columns it adds."""
+"""What a task is to the pipeline. Tasks are pure: they build what the model sees and parse
+what comes back, and never touch an engine (the pipeline drives it) or a file."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import pyarrow as pa
 
-from nfb.engines.base import Engine, Request
+from nfb.config import SamplingConfig
+from nfb.prompts import Prompt
 from nfb.records import Conversation
 
 
 class Task(Protocol):
-    name: str
-    prompt: str | None                 # extra instruction sent to the model (provenance)
-    add_generation_prompt: bool
+    name: str                          # "feedback" | "score"
+    runner: str                        # the vLLM runner it needs: "generate" | "pooling"
+    sampling: SamplingConfig | None    # generate: how to sample; pooling: None
 
     def schema(self, prefix: str) -> pa.Schema:
         """The columns this task adds (without nfb_row/nfb_error)."""
 
-    def messages(self, conv: Conversation) -> list[dict[str, str]]:
-        """The chat the model sees for one row."""
+    def prompts(self, conv: Conversation) -> list[Prompt]:
+        """What the model sees for one row (one request per prompt)."""
 
     def prompt_budget(self, max_model_len: int) -> int:
-        """Most prompt tokens a row may have."""
+        """Most prompt tokens a request may have."""
 
-    def run(self, engine: Engine, requests: Iterable[Request],
-            can_feed: Callable[[], bool]) -> Iterator[tuple[Any, dict]]:
-        """(key, column values) per finished request."""
+    def parse(self, outputs: list[Any]) -> dict:
+        """Column values of one row from its requests' outputs (texts or head values)."""
 
     def empty_values(self) -> dict:
         """Column values of an error row (all null)."""
 
     def settings(self) -> dict:
-        """Task settings for the provenance metadata."""
+        """Resolved settings: fingerprinted, and written to the provenance."""

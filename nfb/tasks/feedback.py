@@ -7,11 +7,13 @@ nvidia/Llama-3.3-Nemotron-70B-Feedback, verbatim.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from statistics import fmean
 
 import pyarrow as pa
 
+from nfb.config import SamplingConfig
+from nfb.prompts import Prompt
 from nfb.records import Conversation
 
 DEFAULT_MODEL = "nvidia/Llama-3.3-Nemotron-70B-Feedback"
@@ -65,10 +67,10 @@ def label_of(level: int | None) -> str | None:
     return LABELS.get(level) if level is not None else None
 
 
-def eval_messages(conv: Conversation) -> list[dict[str, str]]:
+def eval_messages(conv: Conversation, instruction: str = EVAL_PROMPT) -> list[dict[str, str]]:
     """The conversation the feedback model sees: context, the judged response, then EVAL."""
     return [*conv.context, {"role": "assistant", "content": conv.response},
-            {"role": "user", "content": EVAL_PROMPT}]
+            {"role": "user", "content": instruction}]
 
 
 @dataclass(frozen=True)
@@ -115,29 +117,28 @@ class FeedbackTask:
     """`nfb feedback`: generate an evaluation per row, parse its helpfulness level."""
 
     name = "feedback"
-    add_generation_prompt = True
+    runner = "generate"
 
-    def __init__(self, sampling):
+    def __init__(self, sampling: SamplingConfig, instruction: str = EVAL_PROMPT):
         self.sampling = sampling
-        self.prompt = EVAL_PROMPT
+        self.instruction = instruction
         self.columns = FeedbackColumns(sampling.samples)
 
     def schema(self, prefix: str) -> pa.Schema:
         return self.columns.schema(prefix)
 
-    def messages(self, conv: Conversation) -> list[dict[str, str]]:
-        return eval_messages(conv)
+    def prompts(self, conv: Conversation) -> list[Prompt]:
+        return [Prompt(messages=eval_messages(conv, self.instruction),
+                       add_generation_prompt=True)]
 
     def prompt_budget(self, max_model_len: int) -> int:
         return max_model_len - self.sampling.max_tokens
 
-    def run(self, engine, requests, can_feed):
-        samples = self.sampling.samples
-        for key, texts in engine.generate(requests, self.sampling, can_feed):
-            yield key, feedback_values(texts, samples)
+    def parse(self, outputs: list[list[str]]) -> dict:
+        return feedback_values(outputs[0], self.sampling.samples)
 
     def empty_values(self) -> dict:
         return feedback_values(None, self.sampling.samples)
 
     def settings(self) -> dict:
-        return {"levels": LEVELS}
+        return {"prompt": self.instruction, "sampling": asdict(self.sampling), "levels": LEVELS}

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import re
 
+from nfb.prompts import Prompt
+
 STEERLM_ATTRIBUTES = (
     "quality", "toxicity", "humor", "creativity",  # untrained heads in Llama3-70B-SteerLM-RM
     "helpfulness", "correctness", "coherence", "complexity", "verbosity",  # HelpSteer
@@ -127,16 +129,27 @@ def weighted_reward(values: list[float], weights: list[float]) -> float:
 
 
 class ScoreTask:
-    """`nfb score`: raw reward-model heads per row, and their weighted sum as `reward`."""
+    """`nfb score`: raw reward-model heads per row (plus the head bias a converted NeMo model
+    carries), and their weighted sum as `reward`.
+
+    `prompt_format` says what the model sees: "chat" (the tokenizer's chat template) or
+    "steerlm" (NeMo-Aligner's SteerLM text, see nfb.models.steerlm).
+    """
 
     name = "score"
-    prompt = None
-    add_generation_prompt = False
+    runner = "pooling"
+    sampling = None
 
-    def __init__(self, attributes: list[str] | None, weights: list[float] | None):
+    def __init__(self, attributes: list[str] | None, weights: list[float] | None,
+                 bias: list[float] | None = None, prompt_format: str = "chat",
+                 recipe: str | None = None, context_limit: int | None = None):
         # attributes None: a scalar model whose one output is the reward
         self.attributes = attributes
         self.weights = weights
+        self.bias = bias
+        self.prompt_format = prompt_format
+        self.recipe = recipe
+        self.context_limit = context_limit
 
     def schema(self, prefix: str):
         import pyarrow as pa
@@ -144,22 +157,26 @@ class ScoreTask:
         fields = [pa.field(prefix + a, pa.float64()) for a in self.attributes or []]
         return pa.schema([*fields, pa.field(prefix + "reward", pa.float64())])
 
-    def messages(self, conv):
-        return conv.messages()
+    def prompts(self, conv) -> list[Prompt]:
+        if self.prompt_format == "steerlm":
+            from nfb.models.steerlm import steerlm_prompt
+            return [Prompt(text=steerlm_prompt(conv.messages()))]
+        return [Prompt(messages=conv.messages())]
 
     def prompt_budget(self, max_model_len: int) -> int:
-        return max_model_len
+        return min(max_model_len, self.context_limit or max_model_len)
 
     def values(self, heads: list[float]) -> dict:
+        if self.bias:
+            heads = [h + b for h, b in zip(heads, self.bias, strict=True)]
         if self.attributes is None:
             return {"reward": heads[0]}
         out = dict(zip(self.attributes, heads, strict=True))
         out["reward"] = weighted_reward(heads, self.weights) if self.weights else None
         return out
 
-    def run(self, engine, requests, can_feed):
-        for key, heads in engine.classify(requests, can_feed):
-            yield key, self.values(heads)
+    def parse(self, outputs: list[list[float]]) -> dict:
+        return self.values(outputs[0])
 
     def empty_values(self) -> dict:
         return {**{a: None for a in self.attributes or []}, "reward": None}
@@ -167,4 +184,6 @@ class ScoreTask:
     def settings(self) -> dict:
         return {"attributes": self.attributes,
                 "weights": dict(zip(self.attributes, self.weights, strict=True))
-                if self.attributes and self.weights else None}
+                if self.attributes and self.weights else None,
+                "head_bias": self.bias, "prompt_format": self.prompt_format,
+                "recipe": self.recipe, "context_limit": self.context_limit}

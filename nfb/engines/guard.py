@@ -1,0 +1,141 @@
+"""No orphan engine: a small guardian process kills the engine's processes if nfb dies.
+
+vLLM runs its engine core (and, with tensor parallelism, its workers) in child processes.
+When nfb is killed with SIGKILL (the OOM killer, a watchdog, `kill -9`), nothing in nfb runs
+any more, and those children are re-parented to init and keep their memory (on a GPU, 90% of
+it), so the resume that nfb promises would fail. Linux's parent-death signal only helps for
+the direct child and cannot be set from outside vLLM's spawned processes, so nfb starts this
+guardian in its own session (a group kill does not reach it) and tells it the pid and start
+time of every engine process. The guardian waits on its stdin: at EOF without a "release"
+line, nfb is gone, and it kills each recorded process that is still the same process (pid and
+start time match), children first.
+
+The second line of defence is `engine.json` in the work directory (see `stop_leftovers`):
+the next run of the same command stops a leftover engine of a killed run before it loads.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def _same(pid: int, create_time: float):
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        if abs(p.create_time() - create_time) < 0.01:
+            return p
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+    return None
+
+
+def kill_processes(records: list[tuple[int, float]], grace: float = 2.0) -> int:
+    """Kill the processes (and their children) whose pid and start time still match."""
+    import psutil
+
+    procs = []
+    for pid, ctime in records:
+        p = _same(pid, ctime)
+        if p is not None and p.pid != os.getpid():
+            try:
+                procs.extend(p.children(recursive=True))
+            except psutil.Error:
+                pass
+            procs.append(p)
+    seen = {}
+    for p in procs:
+        seen[p.pid] = p
+    procs = list(seen.values())
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+    return len(procs)
+
+
+class Guardian:
+    """The parent's handle on the guardian process."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nfb.engines.guard"], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            close_fds=True)
+        self.records: dict[int, float] = {}
+
+    def add(self, pid: int, create_time: float) -> None:
+        if pid in self.records or self.proc.stdin is None:
+            return
+        self.records[pid] = create_time
+        try:
+            self.proc.stdin.write(f"{pid} {create_time!r}\n".encode())
+            self.proc.stdin.flush()
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        """nfb shut the engine down itself: the guardian exits without killing anything."""
+        if self.proc.stdin is None:
+            return
+        try:
+            self.proc.stdin.write(b"release\n")
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.proc.stdin = None
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def snapshot_children(since: float) -> list[tuple[int, float]]:
+    """(pid, start time) of this process's descendants started at or after `since`."""
+    import psutil
+
+    out = []
+    try:
+        for c in psutil.Process().children(recursive=True):
+            try:
+                ct = c.create_time()
+            except psutil.Error:
+                continue
+            if ct >= since - 1.0:
+                out.append((c.pid, ct))
+    except psutil.Error:
+        pass
+    return out
+
+
+def main() -> None:
+    records: list[tuple[int, float]] = []
+    for line in sys.stdin.buffer:
+        line = line.strip()
+        if line == b"release":
+            return
+        try:
+            pid, ctime = line.split()
+            records.append((int(pid), float(ctime)))
+        except ValueError:
+            continue
+    time.sleep(0.2)   # EOF: the parent is gone
+    kill_processes(records)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    main()

@@ -1,0 +1,85 @@
+"""A stub engine for tests of mechanics: the real tokenizer and chat template of a model
+directory, deterministic outputs computed from the prompt's token ids, no vLLM.
+
+It keeps the Engine protocol exactly: requests are pulled lazily while `can_feed()` allows,
+at most `max_in_flight` are held, and results come back out of order (each "step" finishes
+the newest request first), so the ordered collector is exercised as with a real engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+
+from nfb.errors import EngineDied
+
+LABELS = ["not", "slightly", "partially", "mostly", "perfectly"]
+
+
+def _digest(ids: list[int]) -> bytes:
+    return hashlib.sha256(struct.pack(f"{len(ids)}i", *ids)).digest()
+
+
+def stub_text(ids: list[int], sample: int = 0) -> str:
+    d = _digest(ids + [sample])
+    return (f"The response is {LABELS[d[0] % 5]} helpful. A stub evaluation of "
+            f"{len(ids)} prompt tokens.")
+
+
+def stub_heads(ids: list[int], n: int) -> list[float]:
+    d = _digest(ids)
+    return [round((d[i % 32] - 128) / 32.0 + i * 0.01, 6) for i in range(n)]
+
+
+class StubEngine:
+    def __init__(self, cfg, runner: str, die_after: int | None = None):
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.runner = runner
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        conf = json.load(open(os.path.join(cfg.model, "config.json")))
+        self.max_model_len = cfg.max_model_len or conf.get("max_position_embeddings", 4096)
+        archs = conf.get("architectures") or []
+        if cfg.hf_overrides:
+            self.heads = int(cfg.hf_overrides.get("num_labels", 1))
+        elif any(a.endswith("ForSequenceClassification") for a in archs):
+            self.heads = int(conf.get("num_labels") or len(conf.get("id2label") or {}) or 1)
+        else:
+            self.heads = 1
+        self.die_after = die_after
+        self.finished = 0
+        self.closed = False
+
+    def _stream(self, requests, can_feed):
+        window = max(1, self.cfg.max_in_flight)
+        held = []
+        source = iter(requests)
+        exhausted = False
+        while True:
+            while not exhausted and len(held) < window and can_feed():
+                try:
+                    held.append(next(source))
+                except StopIteration:
+                    exhausted = True
+            if not held:
+                if exhausted:
+                    return
+                continue
+            if self.die_after is not None and self.finished >= self.die_after:
+                raise EngineDied("the stub engine died (test)")
+            self.finished += 1
+            yield held.pop()      # newest first: out of order on purpose
+
+    def generate(self, requests, sampling, can_feed):
+        for key, ids in self._stream(requests, can_feed):
+            yield key, [stub_text(ids, s) for s in range(sampling.samples)]
+
+    def classify(self, requests, can_feed):
+        for key, ids in self._stream(requests, can_feed):
+            yield key, stub_heads(ids, self.heads)
+
+    def close(self) -> None:
+        self.closed = True

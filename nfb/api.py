@@ -205,3 +205,20 @@ def score(
     if hf_overrides:
         cfg = replace(cfg, engine=replace(cfg.engine, hf_overrides=hf_overrides))
     return run(cfg, task, progress=progress, log=log)
+
+
+def __getattr__(name: str):
+    """The verbs that need more than pyarrow load on first use."""
+    if name == "pairs":
+        from nfb.pairs import pairs
+        return pairs
+    if name == "evaluate":
+        from nfb.evaluate import evaluate
+        return evaluate
+    if name == "report":
+        from nfb.report import report
+        return report
+    if name == "convert":
+        from nfb.models.nemo import convert_nemo
+        return convert_nemo
+    raise AttributeError(f"module 'nfb.api' has no attribute {name!r}")

@@ -12,6 +12,11 @@ import os
 import warnings
 
 
+def verbose() -> bool:
+    """NFB_VERBOSE=1 (or `nfb -v`) shows vLLM's, torch's and the workers' own log lines."""
+    return os.environ.get("NFB_VERBOSE", "") not in ("", "0")
+
+
 def quiet_engine_logs() -> None:
     env = {
         "VLLM_LOGGING_LEVEL": "ERROR",

@@ -103,7 +103,8 @@ def print_summary(console: Console, result: RunResult, task: str) -> None:
     if result.already_done:
         console.print(f"[green]{result.output} is already complete[/] ({result.rows:,} rows); "
                       "nothing to do (--overwrite to run again)")
-    t = Table(title=f"nfb {task}: {result.output}", show_header=False, title_justify="left")
+    console.print(f"nfb {task}: {result.output}", soft_wrap=True, style="bold")
+    t = Table(show_header=False)
     t.add_column("what", style="bold")
     t.add_column("value", justify="right")
     t.add_row("rows in output", f"{result.rows:,}")

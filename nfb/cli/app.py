@@ -16,6 +16,7 @@ from rich.console import Console
 
 from nfb import __version__
 from nfb.errors import EXIT_INTERRUPTED, Interrupted, NfbError
+from nfb.logs import verbose
 
 app = typer.Typer(
     name="nfb",
@@ -29,11 +30,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 err = Console(stderr=True, highlight=False)
-
-
-def verbose() -> bool:
-    """NFB_VERBOSE=1 (or -v) shows vLLM's, torch's and the workers' own log lines."""
-    return os.environ.get("NFB_VERBOSE", "") not in ("", "0")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,1 @@
+"""What nfb knows about models: prompt formats (SteerLM) and NeMo checkpoint conversion."""

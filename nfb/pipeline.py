@@ -29,12 +29,12 @@ import pyarrow.parquet as pq
 from nfb.config import RunConfig, provenance
 from nfb.errors import EngineDied, UsageError
 from nfb.engines.base import Engine
-from nfb.io.readers import STDIN, Chunk, input_format, read_chunks
+from nfb.io.readers import STDIN, Chunk, count_rows, input_columns, input_schema, read_chunks
 from nfb.io.writers import STDOUT, OutputWriter, PartWriter, merge_tables, read_metadata
 from nfb.prompts import render
 from nfb.records import to_conversation
 from nfb.tasks.base import Task
-from nfb.workdir import ResumeError, WorkDir
+from nfb.workdir import ENGINE_FILE, ResumeError, WorkDir
 
 ROW, ERROR = "nfb_row", "nfb_error"
 
@@ -74,24 +74,6 @@ def added_columns(task: Task, prefix: str) -> list[str]:
     return [prefix + ROW, prefix + ERROR, *task.schema(prefix).names]
 
 
-def input_columns(files: list[str]) -> list[str]:
-    """Column names of the inputs, as far as they can be known cheaply (first JSONL rows)."""
-    names: dict[str, None] = {}
-    for f in files:
-        if f == STDIN:
-            continue
-        try:
-            if input_format(f) == "parquet":
-                names.update(dict.fromkeys(pq.read_schema(f).names))
-            else:
-                chunk = next(read_chunks([f], batch_rows=256), None)
-                if chunk is not None:
-                    names.update(dict.fromkeys(chunk.table.column_names))
-        except Exception:  # noqa: BLE001 - unreadable inputs become error rows later
-            continue
-    return list(names)
-
-
 def check_clash(task: Task, prefix: str, columns: list[str]) -> None:
     clash = [c for c in added_columns(task, prefix) if c in columns]
     if clash:
@@ -101,29 +83,6 @@ def check_clash(task: Task, prefix: str, columns: list[str]) -> None:
 
 
 # --- row selection --------------------------------------------------------------------------
-
-def count_rows(files: list[str]) -> int | None:
-    """Rows in the inputs when that is cheap to know (Parquet footers, plain JSONL)."""
-    total = 0
-    for f in files:
-        if f == STDIN:
-            return None
-        if input_format(f) == "parquet":
-            try:
-                total += pq.ParquetFile(f).metadata.num_rows
-            except Exception:  # noqa: BLE001
-                total += 1  # one error row
-            continue
-        if f.lower().endswith((".gz", ".zst")):
-            return None
-        n, last = 0, b"\n"
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 22):
-                n += block.count(b"\n")
-                last = block[-1:]
-        total += n + (last != b"\n")
-    return total
-
 
 def selected_total(total: int | None, cfg: RunConfig) -> int | None:
     if total is None:
@@ -274,8 +233,7 @@ def finished_result(cfg: RunConfig, fp: str) -> RunResult | None:
                           "against it; add --overwrite to replace it")
     meta = read_metadata(cfg.output)
     if meta and meta.get("fingerprint") == fp:
-        if wd.path.exists():  # killed after the output was complete, while cleaning up
-            wd.remove()
+        wd.remove()  # killed after the output was complete, while cleaning up: tidy it
         s = meta.get("summary", {})
         return RunResult(cfg.output, rows=s.get("rows", 0), errors=Counter(s.get("errors", {})),
                          levels=Counter({int(k): v for k, v in s.get("levels", {}).items()}),
@@ -435,9 +393,6 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
             engine.close()
         if wd is not None:
             (wd.path / ENGINE_FILE).unlink(missing_ok=True)
-
-
-ENGINE_FILE = "engine.json"
 
 
 def _start(engine_factory: Callable[[], Engine], wd: WorkDir | None) -> Engine:
@@ -698,8 +653,9 @@ def _finalize(cfg: RunConfig, task: Task, wd: WorkDir, meta: dict, result: RunRe
             yield pa.Table.from_batches([batch])
 
     schemas = [s.remove_metadata() for s in schemas]
-    if not schemas:
-        schemas = [pa.schema([pa.field(row_col, pa.int64()),
+    if not schemas:  # no row at all: the output still has the input's columns
+        schemas = [pa.schema([*input_schema(list(cfg.inputs)),
+                              pa.field(row_col, pa.int64()),
                               pa.field(cfg.prefix + ERROR, pa.string()),
                               *task.schema(cfg.prefix)])]
     return merge_tables(cfg.output, (tables(p) for p in parts), schemas, meta)

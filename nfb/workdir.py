@@ -2,7 +2,13 @@
 
 `OUT.nfb/` holds `state.json` (fingerprint and settings of the run) and `part-*.parquet`
 files of finished rows. A run with the same fingerprint picks up where the parts end; a run
-with another fingerprint is refused unless it asks to overwrite.
+with another fingerprint is refused unless it asks to overwrite, or unless the directory
+holds no finished part (a failed start: nothing would be lost), which is replaced.
+
+Safe against a kill at any instant: the output is renamed into place first (the commit
+point), then the work directory is renamed away (`.OUT.nfb.trash-PID`, atomic) and only
+then deleted. A half-deleted work directory is therefore never taken for a run to resume;
+leftover trash is deleted by the next `open`/`remove`.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import orjson
 import pyarrow.parquet as pq
 
 STATE = "state.json"
+ENGINE_FILE = "engine.json"   # the pipeline's record of a running engine's processes
 
 
 from nfb.errors import ResumeError  # noqa: E402,F401
@@ -41,11 +48,20 @@ class WorkDir:
             return None
 
     def open(self, fingerprint: str, state: dict, overwrite: bool) -> None:
-        """Start or resume: create the directory, or check that it is this run's."""
+        """Start or resume: create the directory, or check that it is this run's.
+
+        Replaced (not refused) when `overwrite`, when it has no readable state, or when it
+        holds no finished part. The record of a leftover engine survives a replacement."""
+        self.remove_trash()
         if self.path.exists():
             old = self.state()
-            if overwrite or old is None:
+            if overwrite or old is None or (old.get("fingerprint") != fingerprint
+                                            and not self.parts()):
+                engine = self._read_engine_file()
                 self.remove()
+                self.path.mkdir(parents=True, exist_ok=True)
+                if engine is not None:
+                    (self.path / ENGINE_FILE).write_bytes(engine)
             elif old.get("fingerprint") != fingerprint:
                 raise ResumeError(
                     f"{self.path} holds an unfinished run with other settings "
@@ -78,5 +94,27 @@ class WorkDir:
         for p in self.path.glob(".*.tmp"):
             p.unlink(missing_ok=True)
 
+    def _read_engine_file(self) -> bytes | None:
+        try:
+            return (self.path / ENGINE_FILE).read_bytes()
+        except OSError:
+            return None
+
+    def _trash(self) -> list[Path]:
+        return sorted(self.path.parent.glob(f".{self.path.name}.trash-*"))
+
+    def remove_trash(self) -> None:
+        """Delete what an earlier, killed `remove` left behind."""
+        for p in self._trash():
+            shutil.rmtree(p, ignore_errors=True)
+
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Remove the directory: first renamed away in one atomic step, then deleted."""
+        if self.path.exists():
+            trash = self.path.with_name(f".{self.path.name}.trash-{os.getpid()}")
+            shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.replace(self.path, trash)
+            except OSError:
+                shutil.rmtree(self.path, ignore_errors=True)
+        self.remove_trash()

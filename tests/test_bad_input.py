@@ -1,4 +1,5 @@
-"""Every input row ends in the output, scored or with nfb_error saying why (end to end)."""
+"""Every input row ends in the output, scored or with nfb_error saying why (end to end, on the
+stub engine: the mechanics do not depend on the model)."""
 
 import gzip
 
@@ -31,11 +32,11 @@ CASES = [  # (raw line, expected nfb_error: None = scored)
 ]
 
 
-def test_every_bad_case_in_one_file(cli, models, tmp_path):
+def test_every_bad_case_in_one_file(stub_cli, models, tmp_path):
     src = tmp_path / "bad.jsonl"
     src.write_bytes(b"\n".join(line for line, _ in CASES) + b"\n")
     out = tmp_path / "out.parquet"
-    r = cli("feedback", src, "-o", out, "--model", models["causal"], *FAST)
+    r = stub_cli("feedback", src, "-o", out, "--model", models["causal"], *FAST)
     assert r.exit_code == 0, r.output
     t = pq.read_table(out)
     assert t.num_rows == len(CASES)
@@ -49,14 +50,16 @@ def test_every_bad_case_in_one_file(cli, models, tmp_path):
             assert got is not None and got.split(":")[0] == want.split(":")[0], (i, got)
             if ":" in want:
                 assert got == want
-    assert t.column("extra").to_pylist()[-3:-1] == ["5", "five"]
+    # a column whose values do not share a type is kept as exact JSON text (marked nfb.json)
+    assert t.column("extra").to_pylist()[-3:-1] == ["5", '"five"']
+    assert t.schema.field("extra").metadata == {b"nfb.json": b"1"}
     # --strict turns "finished with row errors" into exit 3
-    r = cli("feedback", src, "-o", tmp_path / "o2.parquet", "--model", models["causal"],
+    r = stub_cli("feedback", src, "-o", tmp_path / "o2.parquet", "--model", models["causal"],
             *FAST, "--strict")
     assert r.exit_code == 3
 
 
-def test_truncated_gzip_and_unreadable_parquet_among_good_files(cli, models, tmp_path):
+def test_truncated_gzip_and_unreadable_parquet_among_good_files(stub_cli, models, tmp_path):
     good = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"p{i}", "response": "r"}
                                              for i in range(3)])
     data = b"".join(orjson.dumps({"prompt": f"z{i}", "response": "r" * 300}) + b"\n"
@@ -67,7 +70,7 @@ def test_truncated_gzip_and_unreadable_parquet_among_good_files(cli, models, tmp
     bad = tmp_path / "c.parquet"
     bad.write_bytes(b"PAR1 garbage")
     out = tmp_path / "out.parquet"
-    r = cli("feedback", good, trunc, bad, "-o", out, "--model", models["causal"], *FAST)
+    r = stub_cli("feedback", good, trunc, bad, "-o", out, "--model", models["causal"], *FAST)
     assert r.exit_code == 0, r.output
     t = pq.read_table(out)
     errs = t.column("nfb_error").to_pylist()

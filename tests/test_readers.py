@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nfb.io.arrow import conform, unify_schemas
+from nfb.io.arrow import conform, is_json_field, unify_schemas
 from nfb.io.readers import InputError, read_chunks, resolve_inputs
 
 
@@ -51,11 +51,14 @@ def test_type_drift_between_rows_and_batches_keeps_values(tmp_path):
     lines = [{"v": None}, {"v": None}, {"v": "s"}, {"v": 3}, {"v": {"a": 1}}, {"w": 1.5}]
     f.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
     chunks = list(read_chunks([str(f)], 2))
+    # a string and an int do not share a type: that chunk's column is JSON text
     assert [c.table.schema.field("v").type for c in chunks] == [pa.null(), pa.string(),
                                                                  pa.struct([("a", pa.int64())])]
+    assert [is_json_field(c.table.schema.field("v")) for c in chunks] == [False, True, False]
     schema = unify_schemas(c.table.schema for c in chunks)
+    assert is_json_field(schema.field("v"))
     got = pa.concat_tables([conform(c.table, schema) for c in chunks]).to_pylist()
-    assert [d["v"] for d in got] == [None, None, "s", "3", '{"a":1}', None]
+    assert [d["v"] for d in got] == [None, None, '"s"', "3", '{"a":1}', None]
     assert [d["w"] for d in got] == [None] * 5 + [1.5]
 
 

@@ -1,4 +1,5 @@
-"""filter, stats, merge, --shard, --limit, stdin/stdout: the rest of the data workflow."""
+"""filter, stats, merge, --shard, --limit, stdin/stdout: the rest of the data workflow (mechanics
+on the stub engine; the shell pipeline runs real vLLM in subprocesses)."""
 
 import os
 import subprocess
@@ -22,23 +23,23 @@ def data(tmp_path):
 
 
 @pytest.fixture
-def scored(cli, models, data, tmp_path):
+def scored(stub_cli, models, data, tmp_path):
     out = tmp_path / "scored.parquet"
-    r = cli("score", data[0], "-o", out, "--model", models["rm9"], *F32)
+    r = stub_cli("score", data[0], "-o", out, "--model", models["rm9"], *F32)
     assert r.exit_code == 0, r.output
     return out
 
 
-def test_three_shards_merged_equal_one_run(cli, models, data, scored, tmp_path):
+def test_three_shards_merged_equal_one_run(stub_cli, models, data, scored, tmp_path):
     shards = []
     for i in range(3):
         out = tmp_path / f"s{i}.parquet"
-        r = cli("score", data[0], "-o", out, "--model", models["rm9"], "--shard", f"{i}/3", *F32)
+        r = stub_cli("score", data[0], "-o", out, "--model", models["rm9"], "--shard", f"{i}/3", *F32)
         assert r.exit_code == 0, r.output
         assert pq.read_table(out).column("nfb_row").to_pylist() == list(range(i, 30, 3))
         shards.append(out)
     merged = tmp_path / "merged.parquet"
-    r = cli("merge", *reversed(shards), "-o", merged)
+    r = stub_cli("merge", *reversed(shards), "-o", merged)
     assert r.exit_code == 0, r.output
     a, b = pq.read_table(merged), pq.read_table(scored)
     assert a.column_names == b.column_names
@@ -47,45 +48,45 @@ def test_three_shards_merged_equal_one_run(cli, models, data, scored, tmp_path):
     meta = orjson.loads(a.schema.metadata[b"nfb"])
     assert meta["shard"] is None and meta["summary"]["rows"] == 30
     # the merged file is what the unsharded command would have written: nothing to do
-    r = cli("score", data[0], "-o", merged, "--model", models["rm9"], *F32)
+    r = stub_cli("score", data[0], "-o", merged, "--model", models["rm9"], *F32)
     assert r.exit_code == 0 and "already complete" in r.output
     # refusals
-    r = cli("merge", shards[0], shards[1], "-o", tmp_path / "x.parquet")
+    r = stub_cli("merge", shards[0], shards[1], "-o", tmp_path / "x.parquet")
     assert r.exit_code == 2 and "missing shard(s) 2/3" in r.output
     import shutil
     twin = shutil.copy(shards[0], tmp_path / "twin.parquet")
-    r = cli("merge", shards[0], twin, shards[1], shards[2], "-o", tmp_path / "x.parquet")
+    r = stub_cli("merge", shards[0], twin, shards[1], shards[2], "-o", tmp_path / "x.parquet")
     assert r.exit_code == 2 and "given twice" in r.output
     other = tmp_path / "other.parquet"
-    assert cli("score", data[0], "-o", other, "--model", models["rm9"], "--shard", "2/3",
+    assert stub_cli("score", data[0], "-o", other, "--model", models["rm9"], "--shard", "2/3",
                "--weights", "nemotron-4-340b", *F32).exit_code == 0
-    r = cli("merge", shards[0], shards[1], other, "-o", tmp_path / "x.parquet")
+    r = stub_cli("merge", shards[0], shards[1], other, "-o", tmp_path / "x.parquet")
     assert r.exit_code == 2 and "other settings" in r.output
-    r = cli("merge", *shards, "-o", merged)
+    r = stub_cli("merge", *shards, "-o", merged)
     assert r.exit_code == 2 and "--overwrite" in r.output
 
 
-def test_limit(cli, models, data, tmp_path):
+def test_limit(stub_cli, models, data, tmp_path):
     out = tmp_path / "o.jsonl.gz"
-    r = cli("score", data[0], "-o", out, "--model", models["rm9"], "--limit", "7", *F32)
+    r = stub_cli("score", data[0], "-o", out, "--model", models["rm9"], "--limit", "7", *F32)
     assert r.exit_code == 0, r.output
     import gzip
     rows = [orjson.loads(x) for x in gzip.decompress(out.read_bytes()).splitlines()]
     assert [x["nfb_row"] for x in rows] == list(range(7))
 
 
-def test_filter_conditions(cli, scored, tmp_path):
+def test_filter_conditions(stub_cli, scored, tmp_path):
     t = pq.read_table(scored).to_pylist()
     rewards = sorted(x["reward"] for x in t if x["reward"] is not None)
     cut = rewards[len(rewards) // 2]
     out = tmp_path / "kept.jsonl"
-    r = cli("filter", scored, "-o", out, "--min-reward", cut, "--where", "helpfulness>-100")
+    r = stub_cli("filter", scored, "-o", out, "--min-reward", cut, "--where", "helpfulness>-100")
     assert r.exit_code == 0, r.output
     kept = [orjson.loads(x) for x in out.read_bytes().splitlines()]
     assert [x["nfb_row"] for x in kept] == [x["nfb_row"] for x in t
                                             if x["reward"] is not None and x["reward"] >= cut]
     out2 = tmp_path / "k2.parquet"
-    r = cli("filter", scored, "-o", out2, "--where", f"correctness<={t[0]['correctness']}",
+    r = stub_cli("filter", scored, "-o", out2, "--where", f"correctness<={t[0]['correctness']}",
             "--max-reward", 1e9)
     assert r.exit_code == 0, r.output
     assert pq.read_table(out2).column("nfb_row").to_pylist() == [
@@ -93,10 +94,10 @@ def test_filter_conditions(cli, scored, tmp_path):
         and x["correctness"] <= t[0]["correctness"]]
 
 
-def test_filter_best_of_n_drop_errors_and_original_schema(cli, scored, data, tmp_path):
+def test_filter_best_of_n_drop_errors_and_original_schema(stub_cli, scored, data, tmp_path):
     t = pq.read_table(scored).to_pylist()
     out = tmp_path / "best.parquet"
-    r = cli("filter", scored, "-o", out, "--best-of-n", "--group-by", "prompt")
+    r = stub_cli("filter", scored, "-o", out, "--best-of-n", "--group-by", "prompt")
     assert r.exit_code == 0, r.output
     best = {}
     for x in t:
@@ -109,7 +110,7 @@ def test_filter_best_of_n_drop_errors_and_original_schema(cli, scored, data, tmp
     assert len(got) == len({x["prompt"] for x in t if x["reward"] is not None})
     # drop errors and give back the input's own columns
     out2 = tmp_path / "clean.jsonl"
-    r = cli("filter", scored, "-o", out2, "--drop-errors", "--drop-nfb-columns")
+    r = stub_cli("filter", scored, "-o", out2, "--drop-errors", "--drop-nfb-columns")
     assert r.exit_code == 0, r.output
     rows = [orjson.loads(x) for x in out2.read_bytes().splitlines()]
     src = [x for x in data[1] if x.get("response") is not None]
@@ -121,35 +122,35 @@ def test_filter_best_of_n_drop_errors_and_original_schema(cli, scored, data, tmp
     (["--where", "x>>1"], "not a number"),
     (["--where", "nope>1"], "no column nope"), (["--min-level", "great"], "level 'great'"),
 ])
-def test_filter_usage_errors(cli, scored, tmp_path, args, match):
-    r = cli("filter", scored, "-o", tmp_path / "o.parquet", *args)
+def test_filter_usage_errors(stub_cli, scored, tmp_path, args, match):
+    r = stub_cli("filter", scored, "-o", tmp_path / "o.parquet", *args)
     assert r.exit_code == 2 and match in r.output
 
 
-def test_filter_levels_and_stats(cli, models, data, tmp_path):
+def test_filter_levels_and_stats(stub_cli, models, data, tmp_path):
     out = tmp_path / "fb.parquet"
-    r = cli("feedback", data[0], "-o", out, "--model", models["causal"], "--constrain-level",
+    r = stub_cli("feedback", data[0], "-o", out, "--model", models["causal"], "--constrain-level",
             "--max-tokens", "24", "--seed", "3", *F32)
     assert r.exit_code == 0, r.output
     t = pq.read_table(out).to_pylist()
     levels = [x["feedback_level"] for x in t]
     assert all(lv in range(1, 6) for i, lv in enumerate(levels) if i != 3)
     kept = tmp_path / "k.parquet"
-    r = cli("filter", out, "-o", kept, "--min-level", "partially", "--max-level", "5")
+    r = stub_cli("filter", out, "-o", kept, "--min-level", "partially", "--max-level", "5")
     assert r.exit_code == 0, r.output
     assert pq.read_table(kept).num_rows == sum(1 for lv in levels if lv is not None and lv >= 3)
-    r = cli("stats", out, "--json")
+    r = stub_cli("stats", out, "--json")
     assert r.exit_code == 0, r.output
     s = orjson.loads(r.stdout)
     assert s["rows"] == 30 and s["errors"] == {"null_field": 1} and s["task"] == "feedback"
     for lv, label in enumerate(["not", "slightly", "partially", "mostly", "perfectly"], 1):
         assert s["levels"][f"{lv} {label}"] == levels.count(lv)
-    r = cli("stats", out)
+    r = stub_cli("stats", out)
     assert r.exit_code == 0 and "feedback levels" in r.output
 
 
-def test_stats_quantiles(cli, scored):
-    r = cli("stats", scored, "--json")
+def test_stats_quantiles(stub_cli, scored):
+    r = stub_cli("stats", scored, "--json")
     assert r.exit_code == 0, r.output
     s = orjson.loads(r.stdout)
     rewards = sorted(x for x in pq.read_table(scored).column("reward").to_pylist()

@@ -1,4 +1,13 @@
-"""Reading nfb outputs back (filter, stats, merge): streamed tables and provenance."""
+"""Reading nfb outputs back (filter, stats, merge): streamed tables, provenance, and a DuckDB
+view over all inputs.
+
+`open_scored` checks every input up front (a 0-byte or damaged Parquet file is an InputError,
+not a traceback), unifies their schemas with nfb's own rules, and opens an in-process DuckDB
+connection with one view, `scored`, over all of them (Parquet read in place; JSONL read once
+by nfb's reader, every key of every row, and spooled to a temporary Parquet file, so values
+keep the types nfb gave them). Once the view exists the connection may read only those files:
+external access is switched off, so an expression cannot open any other file.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +24,9 @@ import pyarrow.parquet as pq
 from nfb.io.readers import InputError, input_format, read_chunks, resolve_inputs
 from nfb.io.writers import read_metadata
 
+VIEW = "scored"
+FILE_COL, ROW_COL = "__nfb_file", "__nfb_pos"   # hidden: input order across files
+
 
 def scored_files(specs: list[str]) -> list[str]:
     """Resolved files; stdin ('-') is spooled to a temporary file, since filter and stats read
@@ -29,17 +41,26 @@ def scored_files(specs: list[str]) -> list[str]:
     return files
 
 
+def _parquet(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        reason = "an empty file" if os.path.exists(path) and os.path.getsize(path) == 0 \
+            else str(e).splitlines()[0]
+        raise InputError(f"{path}: not a readable Parquet file ({reason})") from None
+
+
 def iter_tables(path: str, batch_rows: int = 16_384,
                 columns: list[str] | None = None) -> Iterator[pa.Table]:
     """The rows of one scored file in batches (Parquet, or JSONL written by nfb)."""
     if input_format(path) == "parquet":
+        pf = _parquet(path)
+        cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
         try:
-            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+                yield pa.Table.from_batches([batch])
         except (OSError, pa.ArrowException) as e:
             raise InputError(f"{path}: not a readable Parquet file ({e})") from None
-        cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
-            yield pa.Table.from_batches([batch])
         return
     for chunk in read_chunks([path], batch_rows):
         bad = [e for e in chunk.errors if e]
@@ -56,21 +77,142 @@ def metadata(path: str) -> dict:
     return (read_metadata(path) or {}) if path != "-" else {}
 
 
-def schema_names(path: str) -> list[str]:
+def file_schema(path: str) -> pa.Schema:
+    """One file's schema: the Parquet footer, or every row of a JSONL file (so a key that
+    first appears late is seen)."""
+    from nfb.io.arrow import unify_schemas
+
     if input_format(path) == "parquet":
-        return pq.read_schema(path).names
-    first = next(iter_tables(path, 256), None)
-    return first.column_names if first is not None else []
+        return _parquet(path).schema_arrow.remove_metadata()
+    return unify_schemas(t.schema for t in iter_tables(path))
+
+
+def schema_names(path: str) -> list[str]:
+    return file_schema(path).names
 
 
 def unified_schema(files: list[str]) -> pa.Schema:
     """One schema for all rows of `files`: Parquet footers, or a full pass over JSONL."""
     from nfb.io.arrow import unify_schemas
 
-    schemas = []
-    for f in files:
-        if input_format(f) == "parquet":
-            schemas.append(pq.read_schema(f).remove_metadata())
-        else:
-            schemas.extend(t.schema for t in iter_tables(f))
-    return unify_schemas(schemas)
+    return unify_schemas(file_schema(f) for f in files)
+
+
+class ScoredView:
+    """A DuckDB connection with the view `scored` over the inputs, in input order.
+
+    `schema` is the inputs' unified Arrow schema (what an output is conformed to); `types`
+    maps each column to its DuckDB type; `meta` is the first input's provenance. The view
+    also has two hidden columns (file index, row within file) that give the input order.
+    """
+
+    def __init__(self, files: list[str], *, threads: int | None = None,
+                 memory_limit: str | None = None):
+        import duckdb
+
+        from nfb.io.arrow import conform, unify_schemas
+
+        self.files = files
+        # DuckDB spills sorts and windows to disk past this; default: DuckDB's (80% of RAM)
+        memory_limit = memory_limit or os.environ.get("NFB_SQL_MEMORY_LIMIT") or None
+        self.meta = metadata(files[0]) if files else {}
+        self._tmp = tempfile.mkdtemp(prefix="nfb-sql-")
+        schemas, paths = [], []
+        try:
+            for i, f in enumerate(files):
+                if input_format(f) == "parquet":
+                    pf = _parquet(f)
+                    schemas.append(pf.schema_arrow.remove_metadata())
+                    paths.append(os.path.abspath(f))
+                    continue
+                s = file_schema(f)   # JSONL: first pass for the schema, second to spool
+                schemas.append(s)
+                spool = os.path.join(self._tmp, f"{i:06d}.parquet")
+                try:
+                    with pq.ParquetWriter(spool, s, compression="lz4") as w:
+                        for t in iter_tables(f):
+                            w.write_table(conform(t, s))
+                except (pa.ArrowException, TypeError, ValueError) as e:
+                    raise InputError(f"{f}: its rows do not fit one table "
+                                     f"({str(e).splitlines()[0]})") from None
+                paths.append(spool)
+            self.schema = unify_schemas(schemas)
+            self.con = duckdb.connect(config={"threads": threads or os.cpu_count() or 1,
+                                              **({"memory_limit": memory_limit}
+                                                 if memory_limit else {})})
+            self.con.execute("SET temp_directory = ?", [os.path.join(self._tmp, "spill")])
+            self.con.execute("SET preserve_insertion_order = true")
+            # pyarrow leaves NaN out of Parquet min/max statistics, and DuckDB 2.0 trusts them:
+            # with these optimizers on, isnan() is folded to false and `WHERE isnan(x)` prunes
+            # row groups that hold NaN. nfb never answers from statistics.
+            self.con.execute("SET disabled_optimizers = 'statistics_propagation,filter_pushdown'")
+            if not self.schema.names:
+                # rows without a single column ({} lines): only their number is known
+                n = sum(len(t) for f in files for t in iter_tables(f))
+                self.con.execute(f"CREATE VIEW {VIEW} AS SELECT 0::BIGINT AS {FILE_COL}, "
+                                 f"range AS {ROW_COL} FROM range({int(n)})")
+            else:
+                self.con.execute(self._view_sql(paths))
+            self.con.execute("SET allowed_directories = ?", [[self._tmp]])
+            self.con.execute("SET allowed_paths = ?", [paths])
+            self.con.execute("SET enable_external_access = false")
+            self.con.execute("SET lock_configuration = true")
+            self.types = {r[0]: r[1] for r in self.con.execute(f"DESCRIBE {VIEW}").fetchall()
+                          if r[0] not in (FILE_COL, ROW_COL)}
+        except duckdb.Error as e:
+            self.close()
+            raise InputError("cannot read " + ", ".join(files) + ": "
+                             + str(e).splitlines()[0]) from None
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _view_sql(paths: list[str]) -> str:
+        lst = "[" + ", ".join(_sql_str(p) for p in paths) + "]"
+        return (f"CREATE VIEW {VIEW} AS SELECT * EXCLUDE (__nfb_fn, file_row_number), "
+                f"list_position({lst}, __nfb_fn) - 1 AS {FILE_COL}, "
+                f"file_row_number AS {ROW_COL} "
+                f"FROM read_parquet({lst}, union_by_name = true, filename = '__nfb_fn', "
+                "file_row_number = true)")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.types)
+
+    def close(self) -> None:
+        con = getattr(self, "con", None)
+        if con is not None:
+            con.close()
+            self.con = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> ScoredView:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_scored(files: list[str], **kw) -> ScoredView:
+    return ScoredView(files, **kw)
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def quote(name: str) -> str:
+    """A column name as a SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def is_numeric_type(duck_type: str) -> bool:
+    t = duck_type.upper()
+    return t in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT",
+                 "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT", "FLOAT", "DOUBLE") or \
+        t.startswith("DECIMAL")
+
+
+def is_float_type(duck_type: str) -> bool:
+    return duck_type.upper() in ("FLOAT", "DOUBLE")

@@ -2,7 +2,14 @@
 
 Parts are Parquet files of finished rows in input order, each made visible by an atomic
 rename after an fsync, so a reader (resume) sees whole parts or nothing. The final output is
-written to a temporary name and renamed into place; its format follows the extension.
+written to a temporary name and renamed into place: that rename is the moment the run is
+done. Its format follows the extension. Parquet keeps the provenance in its footer; JSONL in
+`OUT.nfb.json`, written before OUT is renamed into place (an old OUT is removed first), so an
+OUT beside a sidecar always belongs to it.
+
+Every table written is conformed to the output's unified schema, so a value never depends on
+the part or batch it came in (see `nfb.io.arrow`), and JSONL output writes JSON-text columns
+back verbatim.
 """
 
 from __future__ import annotations
@@ -12,22 +19,30 @@ import io
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from nfb.errors import UsageError
+from nfb.io import parquet
 from nfb.io.arrow import conform, unify_schemas
+from nfb.io.jsonl import jsonl_lines
+from nfb.io.parquet import META_KEY, atomic_parquet, fsync_dir
 
-META_KEY = b"nfb"
 STDOUT = "-"
 OUTPUT_SUFFIXES = (".parquet", ".pq", ".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 
+__all__ = ["STDOUT", "META_KEY", "OUTPUT_SUFFIXES", "OutputWriter", "PartWriter",
+           "merge_tables", "read_metadata", "output_format", "sidecar_path", "atomic_parquet",
+           "jsonl_lines"]
+
 
 def output_format(path: str) -> str:
-    """'parquet', 'jsonl' or 'jsonl.gz' from the output's name ('-' is JSONL on stdout)."""
+    """'parquet', 'jsonl' or 'jsonl.gz' from the output's name ('-' is JSONL on stdout).
+
+    Raises UsageError (a ValueError, exit 2) for any other name."""
     if path == STDOUT:
         return "jsonl"
     name = path.lower()
@@ -37,56 +52,15 @@ def output_format(path: str) -> str:
         return "jsonl.gz"
     if name.endswith((".jsonl", ".ndjson")):
         return "jsonl"
-    raise ValueError(f"{path}: the output name must end in .parquet, .jsonl or .jsonl.gz "
+    raise UsageError(f"{path}: the output name must end in .parquet, .jsonl or .jsonl.gz "
                      "(or be '-' for JSONL on stdout)")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_parquet(table: pa.Table, path: Path, metadata: dict | None = None) -> None:
-    """Write `table` to `path` so that the file appears whole or not at all."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if metadata is not None:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               META_KEY: orjson.dumps(metadata)})
-    with open(tmp, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _json_default(v: object) -> object:
-    if isinstance(v, (bytes, bytearray)):
-        return v.decode("utf-8", errors="replace")
-    if isinstance(v, tuple):  # map<k, v> entries
-        return list(v)
-    return str(v)
-
-
-def jsonl_lines(table: pa.Table) -> Iterator[bytes]:
-    """One JSON line per row; all nulls are kept, keys in column order."""
-    for batch in table.to_batches(max_chunksize=4096):
-        for row in batch.to_pylist():
-            yield orjson.dumps(row, default=_json_default,
-                               option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)
-
-
 class OutputWriter:
-    """Streams tables into one output file (Parquet, JSONL, JSONL.gz or stdout)."""
+    """Streams tables into one output file (Parquet, JSONL, JSONL.gz or stdout).
+
+    Tables are conformed to `schema` (for JSONL, columns not in it follow; an empty schema
+    leaves each table as it is)."""
 
     def __init__(self, path: str, schema: pa.Schema, metadata: dict | None):
         self.path = path
@@ -94,6 +68,7 @@ class OutputWriter:
         self.schema = schema
         self.metadata = metadata
         self.rows = 0
+        self._pq = None
         if path == STDOUT:
             self._tmp = None
             self._fh: io.BufferedIOBase = sys.stdout.buffer
@@ -104,19 +79,19 @@ class OutputWriter:
             self._fh = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) \
                 if self.format == "jsonl.gz" else raw
             self._raw = raw
-        self._pq: pq.ParquetWriter | None = None
         if self.format == "parquet":
-            full = schema.with_metadata({**(schema.metadata or {}),
-                                         META_KEY: orjson.dumps(metadata or {})})
-            self._pq = pq.ParquetWriter(self._fh, full, compression="zstd")
+            self._pq = parquet.writer(self._fh, schema, metadata)
 
     def write(self, table: pa.Table) -> None:
-        if len(table) == 0:
-            return
         if self._pq is not None:
-            table = conform(table, self.schema)
-            self._pq.write_table(table, row_group_size=64 * 1024)
-        else:  # JSONL has no schema to hold: each row keeps its own values
+            if len(table) == 0:
+                return
+            self._pq.write_table(conform(table, self.schema), row_group_size=64 * 1024)
+        else:
+            if len(table) == 0:
+                return
+            if len(self.schema):
+                table = conform(table, self.schema, keep_extra=True)
             for line in jsonl_lines(table):
                 self._fh.write(line)
             if self._tmp is None:
@@ -134,13 +109,20 @@ class OutputWriter:
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
-        os.replace(self._tmp, self.path)
-        _fsync_dir(Path(self.path).parent)
-        if self.format != "parquet" and self.metadata is not None:
+        out = Path(self.path)
+        if self.format != "parquet":
             side = Path(sidecar_path(self.path))
-            tmp = side.with_name(f".{side.name}.tmp")
-            tmp.write_bytes(orjson.dumps(self.metadata, option=orjson.OPT_INDENT_2))
-            os.replace(tmp, side)
+            side.unlink(missing_ok=True)        # an old sidecar never describes the new OUT
+            if self.metadata is not None:
+                out.unlink(missing_ok=True)     # nor does the new sidecar the old OUT
+                tmp = side.with_name(f".{side.name}.tmp")
+                with open(tmp, "wb") as fh:
+                    fh.write(orjson.dumps(self.metadata, option=orjson.OPT_INDENT_2))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, side)
+        os.replace(self._tmp, self.path)        # the commit point
+        fsync_dir(out.parent)
 
     def __enter__(self) -> OutputWriter:
         return self
@@ -173,20 +155,30 @@ def sidecar_path(path: str) -> str:
 def read_metadata(path: str) -> dict | None:
     """The nfb provenance of an output file, or None if it has none."""
     try:
-        if output_format(path) == "parquet":
-            meta = pq.read_schema(path).metadata or {}
-            raw = meta.get(META_KEY)
-            return orjson.loads(raw) if raw else None
+        fmt = output_format(path)
+    except ValueError:
+        return None
+    if fmt == "parquet":
+        return parquet.read_metadata(path)
+    try:
         side = Path(sidecar_path(path))
         return orjson.loads(side.read_bytes()) if side.exists() else None
-    except (OSError, ValueError, pa.ArrowException):
+    except (OSError, ValueError):
         return None
 
 
 def merge_tables(path: str, sources: Iterable[Iterable[pa.Table]] | list[str],
                  schemas: list[pa.Schema], metadata: dict | None) -> int:
-    """Write the concatenation of `sources` to `path` under one unified schema."""
-    with OutputWriter(path, unify_schemas(schemas), metadata) as writer:
+    """Write the concatenation of `sources` to `path` under one unified schema.
+
+    The columns nfb added (`metadata["columns"]`, the provenance's list) come last, in
+    that order, so the column order never depends on where chunks or parts were cut."""
+    schema = unify_schemas(schemas)
+    added = [c for c in (metadata or {}).get("columns") or [] if c in schema.names]
+    if added:
+        schema = pa.schema([*(f for f in schema if f.name not in added),
+                            *(schema.field(c) for c in added)])
+    with OutputWriter(path, schema, metadata) as writer:
         for src in sources:
             for table in src:
                 writer.write(table)
@@ -197,7 +189,8 @@ class PartWriter:
     """Buffers finished rows and writes them as checkpoint parts.
 
     A part is flushed when it holds `part_rows` rows or `seconds` have passed since the last
-    one, whichever comes first, so a kill loses at most that much work.
+    one, whichever comes first, so a kill loses at most that much work. Where parts are cut
+    never changes the final output.
     """
 
     def __init__(self, directory: Path, part_rows: int, seconds: float, row_column: str):

@@ -2,7 +2,8 @@
 
 `make_engine(cfg, runner)` starts the engine named by `cfg.backend`: "vllm" (in this process)
 or "ray" (Ray Data LLM). `register_engine(name, factory)` adds or replaces one; tests use it
-to hand runs a shared or stub engine, and a site can plug in its own.
+to hand runs a shared or stub engine, and a site can plug in its own, also from the
+environment (`NFB_ENGINES="name=module:callable"`, e.g. for nfb run as a subprocess).
 """
 
 from __future__ import annotations
@@ -60,3 +61,22 @@ def check_engine(name: str) -> None:
 
 def make_engine(cfg: EngineConfig, runner: str):
     return _FACTORIES[cfg.backend](cfg, runner)
+
+
+def _load_plugins() -> None:
+    """NFB_ENGINES="name=module:callable,...": engines a site (or a test harness running nfb
+    in a subprocess) plugs in; each callable is called as factory(cfg, runner)."""
+    import importlib
+    import os
+
+    spec = os.environ.get("NFB_ENGINES", "").strip()
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, target = item.partition("=")
+        module, _, attr = target.partition(":")
+
+        def factory(cfg, runner, module=module, attr=attr):
+            return getattr(importlib.import_module(module), attr)(cfg, runner)
+        _FACTORIES[name.strip()] = factory
+
+
+_load_plugins()

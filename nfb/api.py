@@ -47,6 +47,7 @@ def _resolve_model(model: str, log: Callable[[str], None]) -> str:
 
 def _run_config(inputs, output, *, model: str, revision, prompt_field, response_field,
                 messages_field, limit, shard, tensor_parallel_size, max_model_len,
+                responses_field=None,
                 gpu_memory_utilization, dtype, trust_remote_code, enforce_eager, max_in_flight,
                 batch_rows, engine, ray_address, replicas, ray_block_rows, prefix, overwrite,
                 checkpoint_every, engine_restarts, stall_timeout, hf_overrides=None,
@@ -55,9 +56,10 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
     from nfb.engines import check_engine
     from nfb.io.readers import resolve_inputs
     from nfb.io.writers import output_format
-    from nfb.records import FieldMap
-
     output = str(output)
+    fields = _fields(prompt_field, response_field, responses_field, messages_field)
+    if enable_prefix_caching is None and (fields.responses or fields.responses_list):
+        enable_prefix_caching = True   # the responses of a row share their prompt
     try:
         output_format(output)
     except ValueError as e:
@@ -93,10 +95,43 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
         stall_timeout=stall_timeout)
     return RunConfig(
         inputs=tuple(files), output=output, engine=engine_cfg,
-        fields=FieldMap(prompt_field, response_field, messages_field),
+        fields=fields,
         limit=limit, shard=Shard.parse(shard) if isinstance(shard, str) else shard,
         prefix=prefix, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
         batch_rows=batch_rows)
+
+
+def _fields(prompt_field: str, response_field: str | Sequence[str] | None,
+            responses_field: str | None, messages_field: str | None):
+    """Which input fields hold the conversation: one response, several named ones, or a list."""
+    from nfb.records import FieldMap
+
+    names = [response_field] if isinstance(response_field, str) else list(response_field or [])
+    names = names or ["response"]
+    if len(set(names)) != len(names):
+        raise UsageError("--response-field names a field twice")
+    if responses_field and (len(names) > 1 or names != ["response"]):
+        raise UsageError("use --response-field or --responses-field, not both")
+    if messages_field and (responses_field or len(names) > 1):
+        raise UsageError("--messages-field judges the conversation's last turn: it does not "
+                         "go with several responses")
+    if responses_field:
+        return FieldMap(prompt_field, "response", None, (), responses_field)
+    if len(names) > 1:
+        return FieldMap(prompt_field, names[0], None, tuple(names), None)
+    return FieldMap(prompt_field, names[0], messages_field)
+
+
+def for_fields(task, cfg: RunConfig):
+    """Wrap a one-response task when rows hold several responses."""
+    from nfb.tasks.multi import MultiResponse
+
+    f = cfg.fields
+    if f.responses_list:
+        return MultiResponse(task, list_field=f.responses_list)
+    if f.responses:
+        return MultiResponse(task, names=f.responses)
+    return task
 
 
 def _check_context(cfg: RunConfig, max_tokens: int) -> None:
@@ -115,8 +150,8 @@ def _check_context(cfg: RunConfig, max_tokens: int) -> None:
 def feedback(
     inputs: str | Sequence[str], output: str, *,
     model: str = DEFAULT_MODEL, revision: str | None = None,
-    prompt_field: str = "prompt", response_field: str = "response",
-    messages_field: str | None = None,
+    prompt_field: str = "prompt", response_field: str | Sequence[str] = "response",
+    responses_field: str | None = None, messages_field: str | None = None,
     samples: int = 1, temperature: float = 0.7, top_p: float = 1.0, max_tokens: int = 4096,
     seed: int | None = None, constrain_level: bool = False,
     tensor_parallel_size: int = 1, max_model_len: int | None = None,
@@ -147,7 +182,8 @@ def feedback(
                               regex=CONSTRAINED_REGEX if constrain_level else None)
     cfg = _run_config(
         inputs, output, model=model, revision=revision, prompt_field=prompt_field,
-        response_field=response_field, messages_field=messages_field, limit=limit,
+        response_field=response_field, responses_field=responses_field,
+        messages_field=messages_field, limit=limit,
         shard=shard, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
         gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
         trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
@@ -157,16 +193,18 @@ def feedback(
         engine_restarts=engine_restarts, stall_timeout=stall_timeout,
         enable_prefix_caching=True if samples > 1 else None, log=log)
     _check_context(cfg, max_tokens)
-    return run(cfg, FeedbackTask(sampling), progress=progress, log=log)
+    return run(cfg, for_fields(FeedbackTask(sampling), cfg), progress=progress, log=log)
 
 
 def score(
     inputs: str | Sequence[str], output: str, *,
     model: str, weights: str | Sequence[float] | dict | None = None,
     attributes: str | Sequence[str] | None = None, reward_token: str | int | None = None,
-    prompt_format: str | None = None, revision: str | None = None,
-    prompt_field: str = "prompt", response_field: str = "response",
-    messages_field: str | None = None,
+    prompt_format: str | None = None, recipe: str | None = None,
+    principle: str | Sequence[str] | None = None, principle_field: str | None = None,
+    revision: str | None = None,
+    prompt_field: str = "prompt", response_field: str | Sequence[str] = "response",
+    responses_field: str | None = None, messages_field: str | None = None,
     tensor_parallel_size: int = 1, max_model_len: int | None = None,
     gpu_memory_utilization: float | None = None, dtype: str = "auto",
     trust_remote_code: bool = False, enforce_eager: bool = False,
@@ -189,7 +227,8 @@ def score(
             else ",".join(str(w) for w in weights)
     cfg = _run_config(
         inputs, output, model=model, revision=revision, prompt_field=prompt_field,
-        response_field=response_field, messages_field=messages_field, limit=limit,
+        response_field=response_field, responses_field=responses_field,
+        messages_field=messages_field, limit=limit,
         shard=shard, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
         gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
         trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
@@ -197,14 +236,28 @@ def score(
         ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
         prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
         engine_restarts=engine_restarts, stall_timeout=stall_timeout, log=log)
+    if isinstance(principle, str):
+        principle = [principle]
+    principle = list(principle or [])
+    if any(not p.strip() for p in principle):
+        raise UsageError("--principle is empty")
     task, hf_overrides = score_task(
         cfg.engine.model, revision=revision, trust_remote_code=trust_remote_code,
         weights=weights, attributes=list(attributes) if attributes else None,
         reward_token=None if reward_token is None else str(reward_token),
-        prompt_format=prompt_format)
+        prompt_format=prompt_format, recipe=recipe, principle=principle or None,
+        principle_field=principle_field, log=log)
+    from nfb import pipeline as _pipeline
+
+    if getattr(task, "row_fields", ()) and not getattr(_pipeline, "TASK_ROW_FIELDS", False):
+        raise UsageError("--principle-field is not available in this version (the pipeline "
+                         "does not pass row fields to tasks yet); use --principle")
     if hf_overrides:
         cfg = replace(cfg, engine=replace(cfg.engine, hf_overrides=hf_overrides))
-    return run(cfg, task, progress=progress, log=log)
+    if getattr(task, "principles", None) is not None:
+        # every principle of a row repeats the conversation: cache the shared prefix
+        cfg = replace(cfg, engine=replace(cfg.engine, enable_prefix_caching=True))
+    return run(cfg, for_fields(task, cfg), progress=progress, log=log)
 
 
 def __getattr__(name: str):

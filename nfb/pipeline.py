@@ -175,9 +175,13 @@ class Collector:
             if e is not None:
                 self.result.errors[error_code(e)] += 1
         for v in p.values:
-            level = v.get("feedback_level")
-            if level is not None:
-                self.result.levels[level] += 1
+            for key, level in v.items():
+                if not key.endswith("feedback_level") or level is None:
+                    continue
+                if isinstance(level, list):   # one level per response (a list field)
+                    self.result.levels.update(x for x in level if x is not None)
+                else:
+                    self.result.levels[level] += 1
         return t
 
 

@@ -17,9 +17,15 @@ class Conversation:
 
     context: tuple[dict[str, str], ...]
     response: str
+    # several responses to the same context (--response-field a --response-field b, or
+    # --responses-field): each is judged or scored on its own; `response` is the first
+    alternatives: tuple[str, ...] = ()
 
     def messages(self) -> list[dict[str, str]]:
         return [*self.context, {"role": "assistant", "content": self.response}]
+
+    def with_response(self, response: str) -> Conversation:
+        return Conversation(self.context, response)
 
 
 @dataclass(frozen=True)
@@ -29,10 +35,18 @@ class FieldMap:
     prompt: str = "prompt"
     response: str = "response"
     messages: str | None = None
+    responses: tuple[str, ...] = ()        # several named response fields (2 or more)
+    responses_list: str | None = None      # one field holding a list of responses
 
     @property
     def needed(self) -> tuple[str, ...]:
-        return (self.messages,) if self.messages else (self.prompt, self.response)
+        if self.messages:
+            return (self.messages,)
+        if self.responses_list:
+            return (self.prompt, self.responses_list)
+        if self.responses:
+            return (self.prompt, *self.responses)
+        return (self.prompt, self.response)
 
 
 _MISSING = object()
@@ -90,6 +104,31 @@ def to_conversation(row: dict, fields: FieldMap) -> tuple[Conversation | None, s
     prompt, err = _text(row.get(fields.prompt, _MISSING), fields.prompt)
     if err:
         return None, err
+    context = ({"role": "user", "content": prompt},)
+    if fields.responses_list:
+        name = fields.responses_list
+        value = row.get(name, _MISSING)
+        if value is _MISSING:
+            return None, f"missing_field:{name}"
+        if value is None:
+            return None, f"null_field:{name}"
+        if not isinstance(value, (list, tuple)):
+            return None, f"bad_type:{name}"
+        if not value:
+            return None, f"empty_field:{name}"
+        for i, v in enumerate(value):
+            _, err = _text(v, f"{name}[{i}]")
+            if err:
+                return None, err
+        return Conversation(context, value[0], tuple(value)), None
+    if fields.responses:
+        values = []
+        for name in fields.responses:
+            v, err = _text(row.get(name, _MISSING), name)
+            if err:
+                return None, err
+            values.append(v)
+        return Conversation(context, values[0], tuple(values)), None
     response, err = _text(row.get(fields.response, _MISSING), fields.response)
     if err:
         return None, err

@@ -149,3 +149,54 @@ def test_score_values_and_bias_from_a_converted_config(stub_cli, tmp_path, src):
     assert [row[a] for a in STEERLM_ATTRIBUTES] == pytest.approx(heads)
     w = PRESETS["llama3-70b-steerlm"][0]
     assert row["reward"] == pytest.approx(sum(a * b for a, b in zip(heads, w)))
+
+
+def test_several_responses_per_row(stub_cli, tiny_tokenizer_model, tmp_path):
+    """--response-field chosen --response-field rejected and --responses-field: each response
+    judged on its own, columns per response; the same texts as one-response runs."""
+    rows = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}",
+             "all": [f"good {i}", f"bad {i}", f"other {i}"]} for i in range(9)]
+    rows[4]["rejected"] = None
+    rows[6]["all"] = []
+    src = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "o.parquet"
+    m = ["--model", tiny_tokenizer_model, "--max-tokens", "64"]
+    r = stub_cli("feedback", src, "-o", out, "--response-field", "chosen", "--response-field",
+                 "rejected", *m)
+    assert r.exit_code == 0, r.output
+    t = table(out).to_pylist()
+    assert t[4]["nfb_error"] == "null_field:rejected" and t[4]["chosen_feedback"] is None
+    for name in ("chosen", "rejected"):
+        single = tmp_path / f"{name}.parquet"
+        r = stub_cli("feedback", src, "-o", single, "--response-field", name, *m)
+        want = table(single).to_pylist()
+        for i, row in enumerate(t):
+            if i != 4:
+                assert row[f"{name}_feedback"] == want[i]["feedback"]
+                assert row[f"{name}_feedback_level"] == want[i]["feedback_level"]
+    meta = orjson.loads(table(out).schema.metadata[b"nfb"])
+    assert meta["task_settings"]["responses"] == ["chosen", "rejected"]
+    out2 = tmp_path / "l.parquet"
+    r = stub_cli("feedback", src, "-o", out2, "--responses-field", "all", *m)
+    assert r.exit_code == 0, r.output
+    t2 = table(out2).to_pylist()
+    assert t2[6]["nfb_error"] == "empty_field:all" and t2[6]["all_feedback"] is None
+    assert [len(x["all_feedback_level"]) for i, x in enumerate(t2) if i != 6] == [3] * 8
+    assert t2[0]["all_feedback"][:2] == [t[0]["chosen_feedback"], t[0]["rejected_feedback"]]
+    r = stub_cli("feedback", src, "-o", tmp_path / "x.parquet", "--responses-field", "all",
+                 "--response-field", "chosen", *m)
+    assert r.exit_code == 2 and "not both" in r.output
+
+
+def test_several_responses_scored(stub_cli, models, tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
+    src = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out, single = tmp_path / "o.parquet", tmp_path / "s.parquet"
+    r = stub_cli("score", src, "-o", out, "--model", models["rm1"], "--response-field",
+                 "chosen", "--response-field", "rejected")
+    assert r.exit_code == 0, r.output
+    assert stub_cli("score", src, "-o", single, "--model", models["rm1"], "--response-field",
+                    "rejected").exit_code == 0
+    t = table(out)
+    assert t.column_names[-4:] == ["nfb_row", "nfb_error", "chosen_reward", "rejected_reward"]
+    assert t.column("rejected_reward").to_pylist() == table(single).column("reward").to_pylist()

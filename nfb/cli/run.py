@@ -18,7 +18,13 @@ def _opt(type_, help: str, panel: str, *decls: str, **kw):
 # --- option bundles, declared once ----------------------------------------------------------
 INPUT_OPTIONS = {
     "prompt_field": (_opt(str, "Input field holding the prompt.", _IN), "prompt"),
-    "response_field": (_opt(str, "Input field holding the response.", _IN), "response"),
+    "response_field": (_opt(Optional[list[str]], "Input field holding the response "
+                            "[default: response]. Repeat it for several responses per row "
+                            "(--response-field chosen --response-field rejected): each is "
+                            "judged on its own, columns chosen_*, rejected_*.", _IN), None),
+    "responses_field": (_opt(Optional[str], "Input field holding a list of responses per row "
+                             "(UltraFeedback-style); adds list columns FIELD_*, aligned with "
+                             "it.", _IN), None),
     "messages_field": (_opt(Optional[str], "Input field holding a list of {role, content} "
                             "turns instead of prompt/response; the last turn must be the "
                             "assistant response being judged.", _IN), None),
@@ -150,6 +156,15 @@ def score(
                         "template) or 'steerlm' (NeMo-Aligner's SteerLM text). Default: "
                         "'steerlm' for a directory made by `nfb convert`, else 'chat'.",
                         _REWARD) = None,
+    recipe: _opt(Optional[str], "Score the model as a known recipe says (a name from `nfb "
+                 "models`, or its hub id), e.g. for a local copy nfb cannot recognise. Default: "
+                 "found from the hub id, the config's name, or `nfb convert`'s key.",
+                 _REWARD) = None,
+    principle: _opt(Optional[list[str]], "With a principle model (Llama-3.3-Nemotron-70B-"
+                    "Reward-Principle): a principle to score, e.g. 'correctness'. Repeat it for "
+                    "several (one column each; combine them with --weights).", _REWARD) = None,
+    principle_field: _opt(Optional[str], "With a principle model: the input field holding each "
+                          "row's own principle.", _REWARD) = None,
     **options,
 ) -> None:
     """Score each conversation with a reward model: one column per attribute, plus `reward`.
@@ -161,4 +176,5 @@ def score(
 
     _run(api.score, "score", dict(
         options, inputs=inputs, output=output, model=model, weights=weights,
-        attributes=attributes, reward_token=reward_token, prompt_format=prompt_format))
+        attributes=attributes, reward_token=reward_token, prompt_format=prompt_format,
+        recipe=recipe, principle=principle or None, principle_field=principle_field))

@@ -1,0 +1,71 @@
+"""Several responses per row: each is judged or scored on its own, in one pass.
+
+`--response-field chosen --response-field rejected` gives per-response columns
+(`chosen_reward`, `rejected_reward`, `chosen_feedback_level`, ...), so RewardBench- and
+HH-RLHF-shaped data need no reshaping. `--responses-field responses` (a list per row, as in
+UltraFeedback) gives list columns aligned with it (`responses_reward`, ...). The responses of
+a row share the prompt, so the engine's prefix cache serves the shared part once.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from nfb.prompts import Prompt
+from nfb.records import Conversation
+
+
+class MultiResponse:
+    """Wraps a one-response task (feedback or score) for rows with several responses."""
+
+    def __init__(self, inner, names: tuple[str, ...] = (), list_field: str | None = None):
+        if bool(names) == bool(list_field):
+            raise ValueError("give response field names or one list field")
+        self.inner = inner
+        self.names = tuple(names)
+        self.list_field = list_field
+        self.name = inner.name
+        self.runner = inner.runner
+        self.sampling = inner.sampling
+        self.per_response = getattr(inner, "requests_per_conversation", 1)
+
+    def schema(self, prefix: str) -> pa.Schema:
+        inner = self.inner.schema("")
+        if self.list_field:
+            return pa.schema([pa.field(f"{prefix}{self.list_field}_{f.name}", pa.list_(f.type))
+                              for f in inner])
+        return pa.schema([pa.field(f"{prefix}{n}_{f.name}", f.type)
+                          for n in self.names for f in inner])
+
+    def prompts(self, conv: Conversation) -> list[Prompt]:
+        out: list[Prompt] = []
+        for response in conv.alternatives or (conv.response,):
+            got = self.inner.prompts(conv.with_response(response))
+            assert len(got) == self.per_response
+            out.extend(got)
+        return out
+
+    def prompt_budget(self, max_model_len: int) -> int:
+        return self.inner.prompt_budget(max_model_len)
+
+    def _each(self, outputs: list) -> list[dict]:
+        k = self.per_response
+        return [self.inner.parse(outputs[i:i + k]) for i in range(0, len(outputs), k)]
+
+    def parse(self, outputs: list) -> dict:
+        values = self._each(outputs)
+        if self.list_field:
+            keys = self.inner.schema("").names
+            return {f"{self.list_field}_{key}": [v[key] for v in values] for key in keys}
+        return {f"{n}_{key}": value for n, v in zip(self.names, values, strict=True)
+                for key, value in v.items()}
+
+    def empty_values(self) -> dict:
+        if self.list_field:
+            return {f"{self.list_field}_{key}": None for key in self.inner.schema("").names}
+        empty = self.inner.empty_values()
+        return {f"{n}_{key}": value for n in self.names for key, value in empty.items()}
+
+    def settings(self) -> dict:
+        return {**self.inner.settings(),
+                "responses": list(self.names) if self.names else {"list": self.list_field}}

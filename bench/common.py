@@ -54,16 +54,14 @@ def write_jsonl(path: Path, n: int) -> Path:
     return path
 
 
-class StubEngine:
-    """Answers instantly: measures everything nfb does around the engine."""
+class InstantEngine:
+    """Answers every request at once: measures everything nfb does around the engine. It
+    carries a real tokenizer (templating and tokenization are nfb's main cost per row)."""
 
     max_model_len = 1 << 20
 
-    def __init__(self):
-        self.cfg = type("C", (), {"max_in_flight": 1024})()
-
-    def encode_chats(self, conversations, add_generation_prompt):
-        return [[0] * 4 for _ in conversations]
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
 
     def generate(self, requests, sampling, can_feed):
         text = "The response is mostly helpful. It answers the question clearly."
@@ -76,6 +74,21 @@ class StubEngine:
 
     def close(self):
         pass
+
+
+def bench_tokenizer(path: str | None = None):
+    """The demo model's real tokenizer (SmolLM2, 49k vocab) with a Llama-3-style chat template,
+    or the tokenizer of `path`."""
+    from transformers import AutoTokenizer
+
+    if path is None:
+        from nfb.demo import prepare_demo
+        path = str(prepare_demo())
+        tok = AutoTokenizer.from_pretrained(path)
+        import tiny_models
+        tok.chat_template = tiny_models.CHAT_TEMPLATE
+        return tok
+    return AutoTokenizer.from_pretrained(path)
 
 
 def peak_rss_mb() -> float:

@@ -5,17 +5,27 @@ The one-call API (see `nfb.api`): `nfb.feedback`, `nfb.score`, `nfb.filter`, `nf
 `nfb.errors.NfbError` subclasses with the exit code the CLI would use.
 """
 
+import sys
+import types
+
 __version__ = "0.2.0"
 
 _API = ("feedback", "score", "filter", "stats", "merge", "convert", "pairs", "evaluate",
-        "report", "models")
+        "report")
 
 
-def __getattr__(name: str):
-    if name in _API:
-        from nfb import api
-        return getattr(api, name)
-    raise AttributeError(f"module 'nfb' has no attribute {name!r}")
+class _Package(types.ModuleType):
+    """`nfb.stats` is the function even after the module `nfb.stats` was imported (importing a
+    submodule sets the package attribute of the same name)."""
+
+    def __getattribute__(self, name: str):
+        if name in _API:
+            from nfb import api
+            return getattr(api, name)
+        return super().__getattribute__(name)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__():

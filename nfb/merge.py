@@ -92,7 +92,9 @@ def merge_outputs(files: list[str], output: str) -> int:
         summary["errors"].update(s.get("errors", {}))
         summary["levels"].update(s.get("levels", {}))
     out_meta = dict(meta, shard=None, fingerprint=meta["settings_fingerprint"],
-                    merged_from=files, summary={**summary, "errors": dict(summary["errors"]),
+                    merged_from=files,
+                    verbs=[*(meta.get("verbs") or []), {"verb": "merge", "inputs": files}],
+                    summary={**summary, "errors": dict(summary["errors"]),
                                                 "levels": dict(summary["levels"])})
     last = -1
     with OutputWriter(output, unified_schema(files), out_meta) as writer:
@@ -110,5 +112,26 @@ def merge(inputs: list[str] | str, output: str) -> tuple[int, int]:
     """`nfb merge` as one call: join shard outputs into `output`. Returns (files, rows)."""
     from nfb.io.scored import scored_files
 
-    files = scored_files([inputs] if isinstance(inputs, str) else list(inputs))
+    from nfb.io.writers import output_format
+
+    output = __import__("os").fspath(output)
+    try:
+        output_format(output)
+    except ValueError as e:
+        raise MergeError(str(e)) from None
+    files = scored_files(_paths(inputs))
+    from nfb.io.readers import input_format
+    from nfb.io.scored import _parquet
+
+    for f in files:   # a 0-byte or damaged file: InputError (exit 1), before any check
+        if input_format(f) == "parquet":
+            _parquet(f)
     return len(files), merge_outputs(files, output)
+
+
+def _paths(inputs) -> list[str]:
+    import os
+
+    if isinstance(inputs, (str, os.PathLike)):
+        return [os.fspath(inputs)]
+    return [os.fspath(i) for i in inputs]

@@ -36,29 +36,41 @@ def filter_cmd(
     min_reward: Annotated[Optional[float], typer.Option(help="Keep reward >= this.")] = None,
     max_reward: Annotated[Optional[float], typer.Option(help="Keep reward <= this.")] = None,
     where: Annotated[Optional[list[str]], typer.Option(
-        help="A condition on any numeric column, e.g. 'helpfulness>=3' or 'verbosity<2' "
-             "(repeatable; all must hold).")] = None,
+        help="A SQL condition over the columns, e.g. \"helpfulness >= 3 AND source IN "
+             "('web', 'forum')\" or 'length(response) < 2000' (repeatable; all must hold; "
+             "the older 'helpfulness>=3' form still works).")] = None,
     best_of_n: Annotated[bool, typer.Option(
         help="Keep only the best row of each --group-by group (highest reward, else level; "
-             "the first wins a tie).")] = False,
+             "the first wins a tie; null or NaN scores never win). Same as --top-k 1.")
+    ] = False,
+    top_k: Annotated[Optional[int], typer.Option(
+        help="Keep the K best rows of each --group-by group, e.g. --top-k 2 --group-by "
+             "prompt.", show_default=False)] = None,
     group_by: Annotated[Optional[str], typer.Option(
-        help="Column that groups rows for --best-of-n, e.g. prompt.")] = None,
+        help="Column that groups rows for --best-of-n, --top-k and --add-rank, e.g. prompt "
+             "(a row whose key is null is a group of its own).")] = None,
+    add_rank: Annotated[bool, typer.Option(
+        help="Add nfb_rank (1 = best in its --group-by group) and nfb_z (the score's "
+             "z-score within the group).")] = False,
     drop_errors: Annotated[bool, typer.Option(help="Drop rows with an nfb_error.")] = False,
     drop_nfb_columns: Annotated[bool, typer.Option(
         help="Drop the columns nfb added: give back the input's own schema.")] = False,
     prefix: Annotated[str, typer.Option(help="The --prefix the scoring run used.")] = "",
     overwrite: Overwrite = False,
 ) -> None:
-    """Keep rows of scored files by level, reward or attribute; best response per prompt.
+    """Keep rows of scored files by a SQL condition, level, reward or attribute; the best
+    responses per prompt.
 
-    Streams the files (best-of-n reads them twice); conditions combine with AND, and a null
-    value never passes a numeric condition.
+    One DuckDB query over all inputs, streamed; conditions combine with AND, a null (or, for
+    the shorthands, NaN) never passes a numeric condition, and rows keep their input order.
     """
     _refuse_existing(output, overwrite)
     read, kept = api.filter(inputs, output, min_level=min_level, max_level=max_level,
                             min_reward=min_reward, max_reward=max_reward, where=where or [],
-                            best_of_n=best_of_n, group_by=group_by, drop_errors=drop_errors,
-                            drop_nfb_columns=drop_nfb_columns, prefix=prefix)
+                            best_of_n=best_of_n, top_k=top_k, group_by=group_by,
+                            add_rank=add_rank, drop_errors=drop_errors,
+                            drop_nfb_columns=drop_nfb_columns, prefix=prefix,
+                            warn=lambda m: err.print(f"[yellow]warning:[/] {m}", soft_wrap=True))
     if output != "-" or not sys.stdout.isatty():
         err.print(f"kept {kept:,} of {read:,} rows -> {output}")
 
@@ -70,14 +82,18 @@ def stats(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout for scripts.")
                         ] = False,
     prefix: Annotated[str, typer.Option(help="The --prefix the scoring run used.")] = "",
+    group_by: Annotated[Optional[str], typer.Option(
+        help="Also give rows, errors, means and quantiles per value of this column, e.g. "
+             "source.")] = None,
 ) -> None:
     """Summarize scored files: rows, errors by reason, level histogram, reward and attribute
-    quantiles, and the model and settings from the metadata."""
+    quantiles (exact, out of core), per group with --group-by, and the model and settings
+    from the metadata."""
     import orjson
 
     from nfb.stats import print_stats
 
-    s = api.stats(inputs, prefix=prefix)
+    s = api.stats(inputs, prefix=prefix, group_by=group_by)
     if json_out:
         sys.stdout.buffer.write(orjson.dumps(s, option=orjson.OPT_INDENT_2) + b"\n")
         sys.stdout.flush()

@@ -247,11 +247,6 @@ def score(
         reward_token=None if reward_token is None else str(reward_token),
         prompt_format=prompt_format, recipe=recipe, principle=principle or None,
         principle_field=principle_field, log=log)
-    from nfb import pipeline as _pipeline
-
-    if getattr(task, "row_fields", ()) and not getattr(_pipeline, "TASK_ROW_FIELDS", False):
-        raise UsageError("--principle-field is not available in this version (the pipeline "
-                         "does not pass row fields to tasks yet); use --principle")
     if hf_overrides:
         cfg = replace(cfg, engine=replace(cfg.engine, hf_overrides=hf_overrides))
     if getattr(task, "principles", None) is not None:

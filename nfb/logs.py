@@ -42,8 +42,9 @@ class CapturedStderr:
     The engine's processes are spawned during the start and inherit fd 2 for their whole
     life, so their warnings and tracebacks (Triton, NUMA binding, tcmalloc, worker stack
     traces) land in the log, not on the user's terminal; nfb reads the log to name the
-    cause of a failed start or an engine death. Python-level writes of this process keep
-    going to the terminal (sys.stderr is pointed at a copy of the original fd).
+    cause of a failed start or an engine death. This process's own writes during the start
+    (vLLM's loader in the main process) go there too; nfb prints nothing while a model loads,
+    and fd 2 is the terminal again afterwards.
     """
 
     def __init__(self):
@@ -53,24 +54,17 @@ class CapturedStderr:
                                                 delete=False)
         self.path = self.file.name
         self._saved: int | None = None
-        self._stderr = None
 
     def __enter__(self) -> CapturedStderr:
         import sys
 
-        try:
-            sys.stderr.flush()
-        except Exception:  # noqa: BLE001
-            pass
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
         self._saved = os.dup(2)
         os.dup2(self.file.fileno(), 2)
-        try:
-            real = sys.stderr.fileno() == 2
-        except Exception:  # noqa: BLE001 - a test runner's stream
-            real = False
-        if real:
-            self._stderr = sys.stderr
-            sys.stderr = os.fdopen(os.dup(self._saved), "w", buffering=1)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -84,13 +78,6 @@ class CapturedStderr:
             os.dup2(self._saved, 2)
             os.close(self._saved)
             self._saved = None
-        if self._stderr is not None:
-            replaced, sys.stderr = sys.stderr, self._stderr
-            self._stderr = None
-            try:
-                replaced.close()
-            except Exception:  # noqa: BLE001
-                pass
 
     def text(self, limit: int = 200_000) -> str:
         try:

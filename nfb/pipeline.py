@@ -562,17 +562,20 @@ class Feeder:
             return None
         table = chunk.table if len(idx) == len(rows) else chunk.table.take(pa.array(idx))
         p = _Pending(table, rows[idx])
-        dicts = _row_dicts(chunk, idx, cfg.fields.needed)
+        row_fields = tuple(getattr(task, "row_fields", ()))   # e.g. a per-row principle
+        dicts = _row_dicts(chunk, idx, cfg.fields.needed + row_fields)
         failed: list[tuple[int, str]] = []
         prompts, owners = [], []
         for j, (i, d) in enumerate(zip(idx, dicts)):
             err = chunk.errors[i]
             if err is None:
                 conv, err = to_conversation(d, cfg.fields)
+            if err is None and row_fields:
+                err = task.check_row(d)
             if err is not None:
                 failed.append((j, err))
                 continue
-            for pr in task.prompts(conv):
+            for pr in task.prompts(conv, row=d) if row_fields else task.prompts(conv):
                 prompts.append(pr)
                 owners.append(j)
         ids = render(self.tokenizer, prompts)

@@ -95,3 +95,80 @@ def build_reward_model(out: Path, num_labels: int = 9, seed: int = 0,
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForSequenceClassification"]
     return out
+
+
+# --- recipes (nfb.models.recipes): tiny models of each recipe's architecture class ----------
+
+# Qwen3's chat template in miniature: the last assistant turn gets a <think></think> block,
+# and enable_thinking=False closes an empty one after a generation prompt.
+QWEN3_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' and loop.last %}"
+    "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}"
+)
+
+
+def _set_name_or_path(out: Path, name_or_path: str | None) -> None:
+    if name_or_path:
+        path = out / "config.json"
+        cfg = json.loads(path.read_text())
+        cfg["_name_or_path"] = name_or_path
+        path.write_text(json.dumps(cfg, indent=2))
+
+
+def build_token_reward_lm(out: Path, name_or_path: str | None = None, seed: int = 3) -> Path:
+    """A random LlamaForCausalLM read through one token's logit (Llama-3.x-Nemotron-70B-Reward
+    and -Select: token id 0), whose config names the hub model it stands for."""
+    out = build_causal_lm(Path(out), seed=seed)
+    _set_name_or_path(out, name_or_path)
+    return out
+
+
+def build_principle_lm(out: Path, name_or_path: str | None = None, seed: int = 4) -> Path:
+    """A random LlamaForCausalLM whose vocabulary has the tokens "Yes" and "No"
+    (Llama-3.3-Nemotron-70B-Reward-Principle reads their logits)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out = Path(out)
+    tok = build_tokenizer(out)
+    tok.add_tokens(["Yes", "No"])
+    tok.save_pretrained(out)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_config(tok))
+    with torch.no_grad():  # spread the output rows so logit differences are visible
+        model.lm_head.weight.normal_(0, 1.0)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    _set_name_or_path(out, name_or_path)
+    return out
+
+
+def build_qwen3_reward(out: Path, name_or_path: str | None = None, seed: int = 5) -> Path:
+    """A random Qwen3ForSequenceClassification with one head (Qwen-3-Nemotron-32B-Reward's
+    class) and a Qwen3-style chat template."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForSequenceClassification
+
+    out = Path(out)
+    tok = build_tokenizer(out)
+    tok.chat_template = QWEN3_TEMPLATE
+    tok.save_pretrained(out)
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, torch_dtype="float32",
+        num_labels=1, problem_type="regression")
+    model = Qwen3ForSequenceClassification(cfg)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)
+    model.save_pretrained(out, safe_serialization=True)
+    _set_name_or_path(out, name_or_path)
+    return out

@@ -17,3 +17,42 @@ def demo(
     from nfb.demo import prepare_demo
 
     print(prepare_demo(force=force, log=lambda m: err.print(m)))
+
+
+@app.command()
+@handle
+def models(
+    json_: Annotated[bool, typer.Option("--json", help="One JSON object per recipe.")] = False,
+) -> None:
+    """The models nfb knows: each one's recipe (task, prompt format, score, context limit,
+    columns) and the model card it comes from. Any other model takes the generic path."""
+    from nfb.models.recipes import RECIPES, table
+
+    if json_:
+        import orjson
+
+        for row in table():
+            print(orjson.dumps(row).decode())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(show_lines=False)
+    for col in ("model", "command", "score", "context", "columns"):
+        t.add_column(col, overflow="fold")
+    for r in RECIPES:
+        command = {"score": "nfb score", "principle": "nfb score --principle",
+                   "feedback": "nfb feedback"}.get(r.task, "not yet supported")
+        score = {"classifier": "head(s), raw", "token_logit": f"logit of token id {r.tokens[0]}"
+                 if r.tokens and r.tokens[0].isdigit() else "logit of one token",
+                 "yes_minus_no": "logit(Yes) - logit(No)",
+                 "generate": "generated text"}[r.method]
+        if r.prompt_format == "steerlm":
+            score += ", SteerLM prompt (after `nfb convert`)"
+        t.add_row(r.hub_id, command, score,
+                  f"{r.context_limit:,}" if r.context_limit else "-", ", ".join(r.columns))
+    out = Console(width=max(Console().width, 120))
+    out.print(t)
+    out.print("Each recipe follows the model card at https://huggingface.co/MODEL. A local copy "
+              "is matched by its config's name or its directory's name; else pass --recipe "
+              "MODEL. Details and open points: `nfb models --json`.")

@@ -1,11 +1,15 @@
-"""Build the score task from what the model is: its heads, its names, its prompt format.
+"""Build the score task from what the model is: its recipe (nfb.models.recipes), else its
+heads, its names, its prompt format.
 
-Reads only the model's config (no weights). A directory written by `nfb convert` carries an
-`nfb` key in its config.json (prompt format, head bias, attribute names); a causal LM is read
-as a classifier on one token's logit (`--reward-token`, vLLM's `classifier_from_token`).
+Reads only the model's config (no weights). A model nfb knows (by hub id, config name, the
+`nfb` key that `nfb convert` writes, or `--recipe NAME`) is scored as its card says; any other
+model takes the generic path: the chat template and the raw heads, or one token's logit
+(`--reward-token`, vLLM's `classifier_from_token`) for a causal LM.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from nfb.errors import UsageError
 from nfb.tasks.reward import (
@@ -19,14 +23,67 @@ from nfb.tasks.reward import (
 PROMPT_FORMATS = ("chat", "steerlm")
 
 
+def resolve_recipe(model: str, recipe: str | None):
+    """(Recipe or None, how it was found); a bad --recipe or an unsupported model: exit 2."""
+    from nfb.models.recipes import RECIPES, find_recipe
+
+    try:
+        found, how = find_recipe(model, recipe)
+    except KeyError:
+        raise UsageError(f"--recipe {recipe!r}: unknown; known recipes: "
+                         f"{', '.join(r.name for r in RECIPES)} (see `nfb models`)") from None
+    if found is None:
+        return None, ""
+    if not found.supported:
+        raise UsageError(f"{found.hub_id} is known but not yet supported by nfb: {found.note} "
+                         f"(card: {found.card})")
+    if found.task == "feedback":
+        raise UsageError(f"{found.hub_id} is a feedback model: use `nfb feedback --model "
+                         f"{model}` (card: {found.card})")
+    return found, how
+
+
 def score_task(model: str, *, revision: str | None, trust_remote_code: bool,
                weights: str | None, attributes: list[str] | None, reward_token: str | None,
-               prompt_format: str | None) -> tuple[ScoreTask, dict | None]:
-    """The ScoreTask for `model` and the vLLM hf_overrides it needs (or None)."""
+               prompt_format: str | None, recipe: str | None = None,
+               principle: list[str] | None = None, principle_field: str | None = None,
+               log: Callable[[str], None] | None = None):
+    """The task for `model` and the vLLM hf_overrides it needs (or None)."""
     from nfb.modelinfo import read_model_info, read_nfb_key, token_classifier_overrides
 
+    log = log or (lambda _m: None)
     if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
         raise UsageError(f"--prompt-format {prompt_format!r}: use {' or '.join(PROMPT_FORMATS)}")
+    found, how = resolve_recipe(model, recipe)
+    principled = bool(principle) or bool(principle_field)
+    if found is None:
+        if principled:
+            raise UsageError("--principle and --principle-field are for a principle reward model "
+                             "(nvidia/Llama-3.3-Nemotron-70B-Reward-Principle); this model has "
+                             "no principles (pass --recipe if it is a copy of that model)")
+        log(f"note: no nfb recipe for {model}: generic path (chat template, raw heads); "
+            "`nfb models` lists the models nfb knows")
+    else:
+        log(f"recipe {found.name} ({how}): {found.card}")
+        if principled and found.task != "principle":
+            raise UsageError(f"--principle and --principle-field do not apply to {found.hub_id}: "
+                             "it has no principles")
+        if reward_token is not None:
+            raise UsageError(f"--reward-token does not apply to {found.hub_id}: its recipe "
+                             f"already says how it is scored ({found.method})")
+        if prompt_format is not None and prompt_format != found.prompt_format:
+            raise UsageError(f"--prompt-format {prompt_format} does not fit {found.hub_id}, "
+                             f"whose card uses the {found.prompt_format} format")
+        if found.task == "principle":
+            return _principle_task(model, found, revision=revision,
+                                   trust_remote_code=trust_remote_code, weights=weights,
+                                   attributes=attributes, principle=principle,
+                                   principle_field=principle_field)
+        if found.method == "token_logit":
+            reward_token = found.tokens[0]
+        prompt_format = found.prompt_format
+        if weights is None and found.weights:
+            weights = found.weights
     parsed = parse_weights(weights) if weights else None
     info = read_model_info(model, revision, trust_remote_code)
     converted = read_nfb_key(model) or {}
@@ -34,7 +91,10 @@ def score_task(model: str, *, revision: str | None, trust_remote_code: bool,
     if reward_token is not None:
         if info.is_classifier:
             raise UsageError("--reward-token is for causal LMs; this model already has a "
-                             "classification head")
+                             "classification head" if found is None else
+                             f"{model} has a classification head, but the recipe "
+                             f"{found.name} reads a token of a causal LM: is this the right "
+                             "model?")
         overrides = token_classifier_overrides(model, [reward_token], trust_remote_code,
                                                revision)
         heads = 1
@@ -51,12 +111,21 @@ def score_task(model: str, *, revision: str | None, trust_remote_code: bool,
     if bias is not None and len(bias) != heads:
         raise UsageError(f"{model}: config.json's nfb.head_bias has {len(bias)} values for "
                          f"{heads} heads; convert the checkpoint again")
-    recipe = converted.get("recipe")
+    extra = {}
+    if found is not None:
+        expected = len(found.columns) - 1 if len(found.columns) > 1 else 1
+        if heads != expected:
+            raise UsageError(f"{model} has {heads} output(s) but the recipe {found.name} "
+                             f"expects {expected}: is this the right model?")
+        extra = dict(recipe=found.name, context_limit=found.context_limit,
+                     template_kwargs=found.template_kwargs, card=found.card)
+    else:
+        extra = dict(recipe=converted.get("recipe"))
     if heads == 1:
-        if parsed is not None or attributes:
+        if (parsed is not None and (found is None or not found.weights)) or attributes:
             raise UsageError("this model has a single output, which is the reward itself: "
                              "--weights and --attributes do not apply")
-        return ScoreTask(None, None, bias=bias, prompt_format=fmt, recipe=recipe), overrides
+        return ScoreTask(None, None, bias=bias, prompt_format=fmt, **extra), overrides
     names = attribute_names(heads, info.id2label, attributes)
     if parsed is None:
         if tuple(names) != STEERLM_ATTRIBUTES:
@@ -64,4 +133,57 @@ def score_task(model: str, *, revision: str | None, trust_remote_code: bool,
                              "combine into `reward` with --weights")
         parsed = parse_weights("llama3-70b-steerlm")
     return ScoreTask(names, resolve_weights(parsed, names), bias=bias, prompt_format=fmt,
-                     recipe=recipe), overrides
+                     **extra), overrides
+
+
+def _principle_task(model, found, *, revision, trust_remote_code, weights, attributes,
+                    principle, principle_field):
+    from nfb.modelinfo import read_model_info, token_classifier_overrides
+    from nfb.models.recipes import PRINCIPLE_QUESTION
+    from nfb.tasks.principle import PrincipleTask, principle_columns
+
+    if not principle and not principle_field:
+        raise UsageError(f"{found.hub_id} scores a response against a principle: give "
+                         "--principle TEXT (repeatable: one column each) or --principle-field "
+                         "FIELD (each row's own principle)")
+    if principle and principle_field:
+        raise UsageError("give --principle or --principle-field, not both")
+    if attributes:
+        raise UsageError("--attributes does not apply to a principle model (columns are named "
+                         "from the principles)")
+    if principle_field and weights:
+        raise UsageError("--weights does not apply with --principle-field (one principle a row)")
+    resolved = None
+    if weights:
+        columns = principle_columns(principle)
+        resolved = resolve_weights(parse_weights(weights), columns)
+    info = read_model_info(model, revision, trust_remote_code)
+    if info.is_classifier:
+        raise UsageError(f"{model} has a classification head, but the recipe {found.name} "
+                         "reads the Yes/No logits of a causal LM: is this the right model?")
+    _check_tokens(model, found, revision, trust_remote_code)
+    # W[Yes] - W[No] as one head (vLLM from_2_way_softmax: tokens [false, true])
+    overrides = token_classifier_overrides(model, list(found.tokens), trust_remote_code,
+                                           revision, method="from_2_way_softmax")
+    task = PrincipleTask(principles=principle, principle_field=principle_field,
+                         weights=resolved, question=PRINCIPLE_QUESTION, recipe=found.name,
+                         context_limit=found.context_limit)
+    return task, overrides
+
+
+def _check_tokens(model, found, revision, trust_remote_code) -> None:
+    """Each token the recipe reads must be one token of the model's vocabulary."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(model), revision=revision,
+                                            trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - the engine reports an unreadable tokenizer itself
+        return
+    for t in found.tokens:
+        i = tok.convert_tokens_to_ids(t)
+        if i is None or (tok.unk_token_id is not None and i == tok.unk_token_id):
+            raise UsageError(f"{model}: the recipe {found.name} reads the token {t!r}, which "
+                             "is not in this model's vocabulary: is this the right model?")

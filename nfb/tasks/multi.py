@@ -37,10 +37,18 @@ class MultiResponse:
         return pa.schema([pa.field(f"{prefix}{n}_{f.name}", f.type)
                           for n in self.names for f in inner])
 
-    def prompts(self, conv: Conversation) -> list[Prompt]:
+    @property
+    def row_fields(self) -> tuple[str, ...]:
+        return tuple(getattr(self.inner, "row_fields", ()))
+
+    def check_row(self, row: dict) -> str | None:
+        return self.inner.check_row(row)
+
+    def prompts(self, conv: Conversation, row: dict | None = None) -> list[Prompt]:
         out: list[Prompt] = []
         for response in conv.alternatives or (conv.response,):
-            got = self.inner.prompts(conv.with_response(response))
+            one = conv.with_response(response)
+            got = self.inner.prompts(one, row=row) if self.row_fields else self.inner.prompts(one)
             assert len(got) == self.per_response
             out.extend(got)
         return out

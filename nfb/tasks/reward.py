@@ -142,7 +142,8 @@ class ScoreTask:
 
     def __init__(self, attributes: list[str] | None, weights: list[float] | None,
                  bias: list[float] | None = None, prompt_format: str = "chat",
-                 recipe: str | None = None, context_limit: int | None = None):
+                 recipe: str | None = None, context_limit: int | None = None,
+                 template_kwargs: dict | None = None, card: str | None = None):
         # attributes None: a scalar model whose one output is the reward
         self.attributes = attributes
         self.weights = weights
@@ -150,6 +151,8 @@ class ScoreTask:
         self.prompt_format = prompt_format
         self.recipe = recipe
         self.context_limit = context_limit
+        self.template_kwargs = dict(template_kwargs or {})  # e.g. enable_thinking=False
+        self.card = card                                      # the model card of the recipe
 
     def schema(self, prefix: str):
         import pyarrow as pa
@@ -161,7 +164,7 @@ class ScoreTask:
         if self.prompt_format == "steerlm":
             from nfb.models.steerlm import steerlm_prompt
             return [Prompt(text=steerlm_prompt(conv.messages()))]
-        return [Prompt(messages=conv.messages())]
+        return [Prompt(messages=conv.messages(), template_kwargs=dict(self.template_kwargs))]
 
     def prompt_budget(self, max_model_len: int) -> int:
         return min(max_model_len, self.context_limit or max_model_len)
@@ -182,8 +185,13 @@ class ScoreTask:
         return {**{a: None for a in self.attributes or []}, "reward": None}
 
     def settings(self) -> dict:
-        return {"attributes": self.attributes,
-                "weights": dict(zip(self.attributes, self.weights, strict=True))
-                if self.attributes and self.weights else None,
-                "head_bias": self.bias, "prompt_format": self.prompt_format,
-                "recipe": self.recipe, "context_limit": self.context_limit}
+        out = {"attributes": self.attributes,
+               "weights": dict(zip(self.attributes, self.weights, strict=True))
+               if self.attributes and self.weights else None,
+               "head_bias": self.bias, "prompt_format": self.prompt_format,
+               "recipe": self.recipe, "context_limit": self.context_limit}
+        if self.template_kwargs:  # only when set: older runs keep their fingerprint
+            out["template_kwargs"] = self.template_kwargs
+        if self.card:
+            out["card"] = self.card
+        return out

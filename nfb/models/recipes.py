@@ -1,0 +1,181 @@
+"""What nfb knows about NVIDIA's reward and feedback models: one recipe per model, each from
+its model card.
+
+A recipe is keyed by hub id and says: the task (`score`, `principle`, `feedback`, `genrm`),
+the prompt format ("chat": the tokenizer's chat template; "steerlm": NeMo-Aligner's text),
+the score method, the context limit the card states, the output columns and the card.
+
+Score methods:
+- `classifier`: a *ForSequenceClassification model; its head(s) are read raw.
+- `token_logit`: a causal LM whose reward is the raw logit of one token at the last position
+  (vLLM `classifier_from_token`, method `no_post_processing`).
+- `yes_minus_no`: logit("Yes") - logit("No") at the position after a generation prompt (vLLM
+  `classifier_from_token ["No", "Yes"]`, method `from_2_way_softmax`, which loads one head
+  W[Yes] - W[No]; read with no activation it is exactly the raw difference).
+- `generate`: a generative model (feedback text, or GenRM's boxed scores).
+
+Matching (`find_recipe`): `--recipe NAME` (a recipe name or hub id) wins; else the model
+argument itself when it is a hub id; else, for a local directory, the `nfb` key that
+`nfb convert` writes, then the config's `_name_or_path`, then the directory's own name (the
+last part of a hub id, e.g. `.../Llama-3.3-Nemotron-70B-Reward`). A model matching nothing
+takes the generic path (chat template, raw heads).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+HF = "https://huggingface.co/"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str                         # short name for --recipe
+    hub_id: str
+    task: str                         # "score" | "principle" | "feedback" | "genrm"
+    prompt_format: str                # "chat" | "steerlm"
+    method: str                       # "classifier" | "token_logit" | "yes_minus_no" | "generate"
+    columns: tuple[str, ...]          # output columns (before --prefix)
+    context_limit: int | None = None  # prompt tokens at most (rows over it: prompt_too_long)
+    tokens: tuple[str, ...] = ()      # the tokens read: ids as digits, or token strings
+    template_kwargs: dict = field(default_factory=dict)
+    weights: str | None = None        # default --weights preset (multi-head models)
+    supported: bool = True
+    note: str = ""                    # what the card leaves open, or why unsupported
+
+    @property
+    def card(self) -> str:
+        return HF + self.hub_id
+
+    def describe(self) -> dict:
+        out = asdict(self)
+        out["card"] = self.card
+        return out
+
+
+PRINCIPLE_QUESTION = ("Evaluate the response to the previous prompt in terms of whether it "
+                      "satisfies this principle: {principle}. Only answer Yes or No.")
+
+_TOKEN0_NOTE = ("card: the reward is generate(...).scores[0][0][0] (the logit of token id 0) "
+                "after the chat-templated conversation, add_generation_prompt=False")
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe("llama-3.1-nemotron-70b-reward-hf", "nvidia/Llama-3.1-Nemotron-70B-Reward-HF",
+           "score", "chat", "token_logit", ("reward",), 4096, ("0",), note=_TOKEN0_NOTE),
+    Recipe("llama-3.3-nemotron-70b-reward", "nvidia/Llama-3.3-Nemotron-70B-Reward",
+           "score", "chat", "token_logit", ("reward",), 4096, ("0",), note=_TOKEN0_NOTE),
+    Recipe("llama-3.3-nemotron-70b-reward-multilingual",
+           "nvidia/Llama-3.3-Nemotron-70B-Reward-Multilingual",
+           "score", "chat", "token_logit", ("reward",), 4096, ("0",), note=_TOKEN0_NOTE),
+    Recipe("llama-3.3-nemotron-70b-select", "nvidia/Llama-3.3-Nemotron-70B-Select",
+           "score", "chat", "token_logit", ("reward",), 4096, ("0",),
+           note=_TOKEN0_NOTE + "; the card's input limit is 128k tokens but its explainability "
+           "subcard says it may not work well beyond 4,096, which nfb enforces"),
+    Recipe("llama-3.3-nemotron-70b-reward-principle",
+           "nvidia/Llama-3.3-Nemotron-70B-Reward-Principle",
+           "principle", "chat", "yes_minus_no", ("reward",), 4096, ("No", "Yes"),
+           note="card: [user, assistant, user: PRINCIPLE_QUESTION], add_generation_prompt=True, "
+           "reward = score[9642 'Yes'] - score[2822 'No'] of the first generated position. The "
+           "card reads generate()'s output_scores, which are the logits after the generation "
+           "config's logits processors; nfb reads the raw logits (the two agree when no "
+           "processor rescales them)"),
+    Recipe("qwen-3-nemotron-32b-reward", "nvidia/Qwen-3-Nemotron-32B-Reward",
+           "score", "chat", "classifier", ("reward",), None,
+           template_kwargs={"enable_thinking": False},
+           note="AutoModelForSequenceClassification, one scalar. An earlier card revision says "
+           "training used a 'nothink' instruction and dialogues of up to 8,192 tokens; the "
+           "current card does not restate either, so nfb enforces no limit and renders the chat "
+           "template with enable_thinking=False (Qwen3's template then writes an empty "
+           "<think></think> block before the judged response)"),
+    Recipe("qwen-2.5-nemotron-32b-reward", "nvidia/Qwen-2.5-Nemotron-32B-Reward",
+           "score", "chat", "classifier", ("reward",), None,
+           note="AutoModelForSequenceClassification, one scalar; card: max 128k tokens, "
+           "trained on conversations up to 8K (not enforced)"),
+    Recipe("llama3-70b-steerlm-rm", "nvidia/Llama3-70B-SteerLM-RM",
+           "score", "steerlm", "classifier",
+           ("quality", "toxicity", "humor", "creativity", "helpfulness", "correctness",
+            "coherence", "complexity", "verbosity", "reward"),
+           weights="llama3-70b-steerlm",
+           note="a NeMo checkpoint: run `nfb convert` first; 9 heads, SteerLM prompt, reward = "
+           "the card's weights (preset llama3-70b-steerlm)"),
+    Recipe("nemotron-4-340b-reward", "nvidia/Nemotron-4-340B-Reward",
+           "score", "steerlm", "classifier",
+           ("quality", "toxicity", "humor", "creativity", "helpfulness", "correctness",
+            "coherence", "complexity", "verbosity", "reward"),
+           weights="nemotron-4-340b",
+           note="a NeMo checkpoint: run `nfb convert` first, then --recipe nemotron-4-340b-reward "
+           "(a converted directory does not say which model it was); preset nemotron-4-340b"),
+    Recipe("llama-3.3-nemotron-70b-feedback", "nvidia/Llama-3.3-Nemotron-70B-Feedback",
+           "feedback", "chat", "generate", ("feedback", "feedback_level", "feedback_label"),
+           note="`nfb feedback` (its default model)"),
+    Recipe("llama-3.3-nemotron-super-49b-genrm", "nvidia/Llama-3_3-Nemotron-Super-49B-GenRM",
+           "genrm", "chat", "generate", ("helpfulness", "ranking"), supported=False,
+           note="generative reward model (reasoning, then boxed scores): not yet supported"),
+    Recipe("qwen3-nemotron-32b-genrm-principle", "nvidia/Qwen3-Nemotron-32B-GenRM-Principle",
+           "genrm", "chat", "generate", ("reward",), supported=False,
+           note="generative reward model with principles: not yet supported"),
+    Recipe("qwen3-nemotron-235b-a22b-genrm", "nvidia/Qwen3-Nemotron-235B-A22B-GenRM",
+           "genrm", "chat", "generate", ("helpfulness_1", "helpfulness_2", "ranking"),
+           supported=False,
+           note="generative reward model (two responses, individual scores and a ranking): "
+           "not yet supported"),
+)
+
+# `nfb convert` writes config.json nfb.recipe: these are its values
+CONVERTED = {"llama3-70b-steerlm-rm": "llama3-70b-steerlm-rm"}
+
+
+def _key(text: str) -> str:
+    return text.strip().lower()
+
+
+def by_name(name: str) -> Recipe | None:
+    """A recipe by its name, hub id, or the last part of its hub id (any case)."""
+    k = _key(name)
+    for r in RECIPES:
+        if k in (r.name, _key(r.hub_id), _key(r.hub_id.split("/")[-1])):
+            return r
+    return None
+
+
+def _config(model: str) -> dict:
+    import orjson
+
+    try:
+        with open(os.path.join(os.path.expanduser(model), "config.json"), "rb") as fh:
+            cfg = orjson.loads(fh.read())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def find_recipe(model: str, recipe: str | None = None) -> tuple[Recipe | None, str]:
+    """The recipe for `model` and how it was found ("" when none matched).
+
+    Raises KeyError for an unknown --recipe name."""
+    if recipe:
+        r = by_name(recipe)
+        if r is None:
+            raise KeyError(recipe)
+        return r, "--recipe"
+    path = os.path.expanduser(model)
+    if not os.path.isdir(path):
+        r = by_name(model) if model.count("/") == 1 else None
+        return (r, "hub id") if r else (None, "")
+    cfg = _config(path)
+    nfb_key = cfg.get("nfb") if isinstance(cfg.get("nfb"), dict) else {}
+    if nfb_key.get("recipe") in CONVERTED:
+        return by_name(CONVERTED[nfb_key["recipe"]]), "nfb convert"
+    name = cfg.get("_name_or_path")
+    if isinstance(name, str) and name.strip():
+        r = by_name(name) or by_name(os.path.basename(os.path.normpath(name)))
+        if r:
+            return r, "config _name_or_path"
+    base = os.path.basename(os.path.normpath(path))
+    r = by_name(base)
+    return (r, "directory name") if r else (None, "")
+
+
+def table() -> list[dict]:
+    return [r.describe() for r in RECIPES]

@@ -193,7 +193,22 @@ def feedback(
         engine_restarts=engine_restarts, stall_timeout=stall_timeout,
         enable_prefix_caching=True if samples > 1 else None, log=log)
     _check_context(cfg, max_tokens)
-    return run(cfg, for_fields(FeedbackTask(sampling), cfg), progress=progress, log=log)
+    task = FeedbackTask(sampling, recipe=_feedback_recipe(model, cfg.engine.model, log))
+    return run(cfg, for_fields(task, cfg), progress=progress, log=log)
+
+
+def _feedback_recipe(name: str, model_dir: str, log: Callable[[str], None]):
+    """The feedback model's recipe (recorded in the provenance); a reward model is refused."""
+    from nfb.models.recipes import find_recipe
+
+    recipe, how = find_recipe(model_dir if os.path.isdir(model_dir) else name)
+    if recipe is None:
+        return None
+    if recipe.task != "feedback":
+        raise UsageError(f"{recipe.hub_id} is a reward model ({recipe.card}); score it with "
+                         "`nfb score`")
+    log(f"recipe {recipe.name} ({how}): {recipe.card}")
+    return recipe
 
 
 def score(

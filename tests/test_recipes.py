@@ -282,3 +282,27 @@ def test_principle_per_row(stub_cli, rmodels, tmp_path):
         for i, row in enumerate(t):
             if row["rule"] == rule:
                 assert row["reward"] == ref[i]
+
+
+def test_feedback_model_recipe_in_provenance_and_reward_model_refused(stub_cli, rmodels,
+                                                                      tiny_tokenizer_model,
+                                                                      tmp_path, src, no_engine):
+    import shutil
+
+    import orjson
+    from stub_engine import StubEngine
+
+    fb = tmp_path / "Llama-3.3-Nemotron-70B-Feedback"   # matched by its directory's name
+    shutil.copytree(tiny_tokenizer_model, fb)
+    path, _ = src
+    r = stub_cli("feedback", path, "-o", tmp_path / "x.parquet", "--model", rmodels["token"],
+                 "--max-tokens", "64")
+    assert r.exit_code == 2 and "nfb score" in r.output
+    import nfb.engines
+    nfb.engines._FACTORIES["vllm"] = StubEngine      # restored by the `engines` fixture
+    out = tmp_path / "o.parquet"
+    r = stub_cli("feedback", path, "-o", out, "--model", fb, "--max-tokens", "64")
+    assert r.exit_code == 0, r.output
+    meta = orjson.loads(pq.read_table(out).schema.metadata[b"nfb"])
+    assert meta["task_settings"]["recipe"] == "llama-3.3-nemotron-70b-feedback"
+    assert meta["task_settings"]["card"].endswith("nvidia/Llama-3.3-Nemotron-70B-Feedback")

@@ -48,7 +48,8 @@ def models(
                  "yes_minus_no": "logit(Yes) - logit(No)",
                  "generate": "generated text"}[r.method]
         if r.prompt_format == "steerlm":
-            score += ", SteerLM prompt (after `nfb convert`)"
+            score += ", SteerLM prompt" + (" (after `nfb convert`)" if "refuses" not in r.note
+                                           else " (HF copy; not convertible yet)")
         t.add_row(r.hub_id, command, score,
                   f"{r.context_limit:,}" if r.context_limit else "-", ", ".join(r.columns))
     out = Console(width=max(Console().width, 120))

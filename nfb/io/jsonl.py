@@ -162,28 +162,32 @@ def _skippable(b: bytes) -> bool:
     return len(b) >= 4 and b[1:4] == b"\x2a\x4d\x18" and 0x50 <= b[0] <= 0x5F
 
 
+def _without_bom(stream: Stream) -> Iterator[bytes]:
+    """The stream's blocks with a leading UTF-8 BOM removed (also one split across blocks)."""
+    head = b""
+    blocks = stream.blocks()
+    for block in blocks:
+        head += block
+        if len(head) >= len(_BOM) or not _BOM.startswith(head):
+            break
+    if head.startswith(_BOM):
+        head = head[len(_BOM):]
+    if head:
+        yield head
+    yield from blocks
+
+
 def lines(stream: Stream) -> Iterator[bytes]:
     """The file's lines without their line ends (a last line without one included; the
     partial line of a truncated file left out). Check `stream.status` afterwards."""
     rest = b""
-    first = True
-    for block in stream.blocks():
-        if first:
-            first = False
-            if block.startswith(_BOM):
-                block = block[len(_BOM):]
-            elif len(block) < 3 and _BOM.startswith(block):
-                rest = block  # a BOM split across blocks: decided with the next block
-                first = True
-                continue
+    for block in _without_bom(stream):
         if rest:
             block = rest + block
         parts = block.split(b"\n")
         rest = parts.pop()
         for line in parts:
             yield line[:-1] if line.endswith(b"\r") else line
-    if first and rest.startswith(_BOM):
-        rest = rest[len(_BOM):]
     if rest and stream.status != "truncated":
         yield rest[:-1] if rest.endswith(b"\r") else rest
 
@@ -258,12 +262,7 @@ def count_rows(path: str) -> int | None:
         return None
     stream = Stream(path)
     n, last = 0, b""
-    first = True
-    for block in stream.blocks():
-        if first:
-            first = False
-            if block.startswith(_BOM):
-                block = block[len(_BOM):]
+    for block in _without_bom(stream):
         if block:
             n += block.count(b"\n")
             last = block[-1:]

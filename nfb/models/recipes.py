@@ -104,8 +104,9 @@ RECIPES: tuple[Recipe, ...] = (
            ("quality", "toxicity", "humor", "creativity", "helpfulness", "correctness",
             "coherence", "complexity", "verbosity", "reward"),
            weights="nemotron-4-340b",
-           note="a NeMo checkpoint: run `nfb convert` first, then --recipe nemotron-4-340b-reward "
-           "(a converted directory does not say which model it was); preset nemotron-4-340b"),
+           note="a NeMo checkpoint whose architecture (LayerNorm1p, squared ReLU, partial RoPE) "
+           "`nfb convert` refuses for now; a Hugging Face copy in SteerLM format with 9 heads "
+           "is scored with --recipe nemotron-4-340b-reward (preset nemotron-4-340b)"),
     Recipe("llama-3.3-nemotron-70b-feedback", "nvidia/Llama-3.3-Nemotron-70B-Feedback",
            "feedback", "chat", "generate", ("feedback", "feedback_level", "feedback_label"),
            note="`nfb feedback` (its default model)"),

@@ -119,9 +119,11 @@ class FeedbackTask:
     name = "feedback"
     runner = "generate"
 
-    def __init__(self, sampling: SamplingConfig, instruction: str = EVAL_PROMPT):
+    def __init__(self, sampling: SamplingConfig, instruction: str = EVAL_PROMPT,
+                 recipe=None):
         self.sampling = sampling
         self.instruction = instruction
+        self.recipe = recipe          # nfb.models.recipes.Recipe, when the model is known
         self.columns = FeedbackColumns(sampling.samples)
 
     def schema(self, prefix: str) -> pa.Schema:
@@ -141,4 +143,7 @@ class FeedbackTask:
         return feedback_values(None, self.sampling.samples)
 
     def settings(self) -> dict:
-        return {"prompt": self.instruction, "sampling": asdict(self.sampling), "levels": LEVELS}
+        out = {"prompt": self.instruction, "sampling": asdict(self.sampling), "levels": LEVELS}
+        if self.recipe is not None:
+            out.update(recipe=self.recipe.name, card=self.recipe.card)
+        return out

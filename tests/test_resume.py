@@ -1,5 +1,9 @@
-"""Kill a real run (SIGKILL to its whole process group) at several points, resume it, and
-compare with an uninterrupted greedy run: every row exactly once, in order, same text."""
+"""Resume: SIGTERM of a real run (vLLM in a subprocess) checkpoints and exits 130, and the
+bookkeeping of a resumed run (refusals, a free rerun, --overwrite) on the stub engine.
+
+Kills at random points (also during the final merge and cleanup) are property-tested on the
+stub engine in test_kill_property.py; kills of a real engine and of nfb alone, each followed
+by a resume equal to an uninterrupted greedy run, are in test_faults.py."""
 
 import os
 import signal
@@ -52,43 +56,14 @@ def compare(out, ref):
 
 
 @pytest.fixture
-def data(tmp_path, cli, models):
+def data(tmp_path):
     rows = sample_rows(120)
     rows[17] = {"id": 17, "prompt": "no response"}
-    src = write_jsonl(tmp_path / "in.jsonl", rows)
-    ref = tmp_path / "ref.parquet"
-    r = cli("feedback", src, "-o", ref, "--model", models["causal"], *ARGS)
-    assert r.exit_code == 0, r.output
-    return src, ref
-
-
-def test_kill_9_at_several_points_then_resume(data, models, tmp_path):
-    src, ref = data
-    out = tmp_path / "out.parquet"
-    wd = tmp_path / "out.parquet.nfb"
-    # 1) killed while the engine starts: the work directory exists, no part yet
-    p = start(src, out, models["causal"])
-    kill_when(p, lambda: (wd / "state.json").exists())
-    # 2) killed right after the first checkpoint part
-    p = start(src, out, models["causal"])
-    kill_when(p, lambda: len(parts(out)) >= 1)
-    n1 = len(parts(out))
-    # 3) killed a few parts later
-    p = start(src, out, models["causal"])
-    kill_when(p, lambda: len(parts(out)) >= n1 + 3)
-    done = sum(pq.ParquetFile(x).metadata.num_rows for x in parts(out))
-    assert 0 < done < 120
-    # 4) finishes
-    p = start(src, out, models["causal"])
-    _, stderr = p.communicate(timeout=300)
-    assert p.returncode == 0, stderr.decode()[-2000:]
-    assert f"{done:,} rows already done" in stderr.decode()
-    assert not wd.exists()
-    compare(out, ref)
+    return write_jsonl(tmp_path / "in.jsonl", rows)
 
 
 def test_sigterm_checkpoints_and_exits_130(data, models, tmp_path):
-    src, ref = data
+    src = data
     out = tmp_path / "out.parquet"
     p = start(src, out, models["causal"])
     t0 = time.monotonic()
@@ -101,18 +76,28 @@ def test_sigterm_checkpoints_and_exits_130(data, models, tmp_path):
     assert len(parts(out)) >= 2
 
 
-def test_resume_in_process_refuses_other_settings_and_rerun_is_free(cli, engines, data, models,
-                                                                     tmp_path):
-    src, ref = data
+def test_resume_refuses_other_settings_and_rerun_is_free(stub_cli, engines, data,
+                                                          tiny_tokenizer_model, tmp_path):
+    import functools
+
+    from stub_engine import StubEngine
+
+    src = data
+    model = tiny_tokenizer_model
+    ref = tmp_path / "ref.parquet"
+    engines("vllm", StubEngine)
+    assert stub_cli("feedback", src, "-o", ref, "--model", model, *ARGS).exit_code == 0
     out = tmp_path / "out.parquet"
-    p = start(src, out, models["causal"])
-    kill_when(p, lambda: len(parts(out)) >= 1)
+    engines("vllm", functools.partial(StubEngine, die_after=70))
+    r = stub_cli("feedback", src, "-o", out, "--model", model, *ARGS)
+    assert r.exit_code == 1 and len(parts(out)) >= 1
+    engines("vllm", StubEngine)
     # another model setting for the same output is refused, before loading
-    r = cli("feedback", src, "-o", out, "--model", models["causal"],
-            *ARGS[:2], "--temperature", "0.5", *ARGS[4:])
+    r = stub_cli("feedback", src, "-o", out, "--model", model,
+                 *ARGS[:2], "--temperature", "0.5", *ARGS[4:])
     assert r.exit_code == 2 and "--overwrite" in r.output
-    # the same command finishes it (shared engine)
-    r = cli("feedback", src, "-o", out, "--model", models["causal"], *ARGS)
+    # the same command finishes it
+    r = stub_cli("feedback", src, "-o", out, "--model", model, *ARGS)
     assert r.exit_code == 0, r.output
     compare(out, ref)
 
@@ -120,14 +105,13 @@ def test_resume_in_process_refuses_other_settings_and_rerun_is_free(cli, engines
     def boom(*a):
         raise AssertionError("the model must not load")
     engines("vllm", boom)
-    r = cli("feedback", src, "-o", out, "--model", models["causal"], *ARGS)
+    r = stub_cli("feedback", src, "-o", out, "--model", model, *ARGS)
     assert r.exit_code == 0 and "already complete" in r.output
     # an existing output from other settings is refused; --overwrite replaces it
-    r = cli("feedback", src, "-o", out, "--model", models["causal"], *ARGS, "--limit", "5")
+    r = stub_cli("feedback", src, "-o", out, "--model", model, *ARGS, "--limit", "5")
     assert r.exit_code == 2 and "--overwrite" in r.output
-    import conftest
-    engines("vllm", conftest.shared_engine)
-    r = cli("feedback", src, "-o", out, "--model", models["causal"], *ARGS, "--limit", "5",
-            "--overwrite")
+    engines("vllm", StubEngine)
+    r = stub_cli("feedback", src, "-o", out, "--model", model, *ARGS, "--limit", "5",
+                 "--overwrite")
     assert r.exit_code == 0, r.output
     assert pq.read_table(out).num_rows == 5

@@ -114,7 +114,7 @@ def report(name: str, base, mine, same: bool) -> None:
     ratios = [m[0] / b[0] for b, m in zip(base, mine)]
     med = statistics.median
     print(f"{name:9} bare {med([b[0] for b in base]):9.1f} rows/s "
-          f"({med([b[2] for b in base]):,} tokens/s) | nfb {med([m[0] for m in mine]):9.1f} "
+          f"({med([b[2] for b in base]):,.0f} tokens/s) | nfb {med([m[0] for m in mine]):9.1f} "
           f"rows/s | ratio median {med(ratios):.3f}, spread {min(ratios):.3f}-{max(ratios):.3f} "
           f"| same outputs: {'yes' if same else 'NO'}")
 

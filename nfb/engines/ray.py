@@ -43,10 +43,20 @@ class RayEngine:
         self.runner = runner
         self._own_ray = not ray.is_initialized() and cfg.ray_address is None
         if not ray.is_initialized():
+            import logging
+
+            from nfb.logs import verbose
             ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False,
-                     ignore_reinit_error=True)
+                     ignore_reinit_error=True,
+                     logging_level=logging.INFO if verbose() else logging.ERROR)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # nfb draws its own
+        from nfb.logs import verbose
+        if not verbose():  # Ray Data's INFO lines (plans, "execution finished") are not nfb's
+            import logging
+            for name in ("ray", "ray.data", "ray._private"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+            ctx.print_on_execution_start = False
         self.tokenizer = AutoTokenizer.from_pretrained(
             cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         info = read_model_info(cfg.model, cfg.revision, cfg.trust_remote_code)

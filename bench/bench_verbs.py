@@ -88,7 +88,8 @@ def work(impl: str, task: str, files: list[str], out: str) -> None:
                             drop_nfb_columns=False, prefix="")
         F.run_filter(files, out, spec)
     elif impl == "nfb":
-        from nfb.api import filter as nfb_filter, stats as nfb_stats
+        from nfb.api import filter as nfb_filter
+        from nfb.api import stats as nfb_stats
         if task == "stats":
             nfb_stats(files)
         elif task == "filter":

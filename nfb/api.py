@@ -1,8 +1,8 @@
 """The one-call Python API. The CLI calls exactly these functions.
 
     import nfb
-    result = nfb.feedback("data.jsonl", "out.parquet", model="nvidia/Llama-3.3-Nemotron-70B-Feedback")
-    result = nfb.score("data.jsonl", "scored.parquet", model="path/to/rm", weights="llama3-70b-steerlm")
+    result = nfb.feedback("data.jsonl", "out.parquet")   # Llama-3.3-Nemotron-70B-Feedback
+    result = nfb.score("data.jsonl", "scored.parquet", model="nvidia/Llama-3.3-Nemotron-70B-Reward")
     nfb.filter("scored.parquet", "kept.parquet", min_reward=0.5)
 
 Options are keyword-only and named like the CLI flags (`--max-tokens` is `max_tokens=`).

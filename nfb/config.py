@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass, field, replace
 import orjson
 
 from nfb import __version__
-from nfb.errors import ConfigError  # noqa: F401  (re-exported: the first release's name)
-from nfb.errors import UsageError
+from nfb.errors import (
+    ConfigError,  # noqa: F401  (re-exported: the first release's name)
+    UsageError,
+)
 from nfb.records import FieldMap
 
 

@@ -38,8 +38,7 @@ import orjson
 
 from nfb.errors import UsageError
 from nfb.io.arrow import conform
-from nfb.io.scored import (FILE_COL, ROW_COL, VIEW, ScoredView, is_float_type,
-                           is_numeric_type, quote)
+from nfb.io.scored import FILE_COL, ROW_COL, VIEW, ScoredView, is_float_type, is_numeric_type, quote
 from nfb.io.writers import OutputWriter, output_format
 from nfb.tasks.feedback import LEVELS
 

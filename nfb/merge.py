@@ -15,12 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from nfb.errors import MergeError  # noqa: E402
 from nfb.io.arrow import conform, unify_schemas
 from nfb.io.scored import iter_tables, metadata, schema_names, unified_schema
 from nfb.io.writers import OutputWriter
-
-
-from nfb.errors import MergeError  # noqa: E402
 
 
 def check_shards(files: list[str]) -> tuple[dict, str]:
@@ -111,7 +109,6 @@ def merge_outputs(files: list[str], output: str) -> int:
 def merge(inputs: list[str] | str, output: str) -> tuple[int, int]:
     """`nfb merge` as one call: join shard outputs into `output`. Returns (files, rows)."""
     from nfb.io.scored import scored_files
-
     from nfb.io.writers import output_format
 
     output = __import__("os").fspath(output)

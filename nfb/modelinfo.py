@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from nfb.errors import ConfigError
-
-
-from nfb.errors import ModelError  # noqa: E402,F401
+from nfb.errors import (
+    ConfigError,
+    ModelError,  # noqa: E402,F401
+)
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nfb.config import RunConfig, provenance
-from nfb.errors import EngineDied, UsageError
 from nfb.engines.base import Engine
+from nfb.errors import EngineDied, UsageError
 from nfb.io.readers import STDIN, Chunk, count_rows, input_columns, input_schema, read_chunks
 from nfb.io.writers import STDOUT, OutputWriter, PartWriter, merge_tables, read_metadata
 from nfb.prompts import render

@@ -21,15 +21,14 @@ import sys
 import time
 from pathlib import Path
 
+import kill_helpers
 import orjson
 import pyarrow.parquet as pq
 import pytest
+import tiny_models
 from conftest import sample_rows, write_jsonl
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
-import kill_helpers
-import tiny_models
 
 TESTS = Path(__file__).parent
 SUBPROCESS_TIMEOUT = 90
@@ -57,8 +56,9 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def _engines_in_process():
     """The same plugins for the in-process reference runs."""
-    import nfb.engines
     from stub_engine import StubEngine
+
+    import nfb.engines
 
     saved = dict(nfb.engines._FACTORIES)
     nfb.engines.register_engine("stub", StubEngine)
@@ -289,7 +289,7 @@ def test_killed_anywhere_then_rerun_equals_uninterrupted(env, tmp_path_factory, 
                     time.sleep(kill[1])
                     killpg(p)
                 elif kill[0] == "parts" and wait_for(
-                        lambda: len(list(wd.glob("part-*.parquet"))) >= kill[1], p):
+                        lambda k=kill: len(list(wd.glob("part-*.parquet"))) >= k[1], p):
                     killpg(p)
             finally:
                 rc, err = finish(p)

@@ -34,7 +34,8 @@ def test_three_shards_merged_equal_one_run(stub_cli, models, data, scored, tmp_p
     shards = []
     for i in range(3):
         out = tmp_path / f"s{i}.parquet"
-        r = stub_cli("score", data[0], "-o", out, "--model", models["rm9"], "--shard", f"{i}/3", *F32)
+        r = stub_cli("score", data[0], "-o", out, "--model", models["rm9"], "--shard", f"{i}/3",
+                     *F32)
         assert r.exit_code == 0, r.output
         assert pq.read_table(out).column("nfb_row").to_pylist() == list(range(i, 30, 3))
         shards.append(out)

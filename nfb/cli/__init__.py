@@ -6,5 +6,5 @@ run (feedback, score), verbs (filter, stats, merge), prefs (pairs, eval, report)
 convert (convert), tools (models, demo).
 """
 
+from nfb.cli import convert, prefs, run, tools, verbs  # noqa: F401,E402  (register commands)
 from nfb.cli.app import app, main  # noqa: F401
-from nfb.cli import run, verbs, prefs, convert, tools  # noqa: F401,E402  (register commands)

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from nfb.config import EngineConfig, SamplingConfig
-from nfb.errors import UsageError
 from nfb.engines.base import Request
 from nfb.engines.vllm import engine_kwargs, sampling_kwargs
+from nfb.errors import UsageError
 
 INSTALL = "pip install 'nfb[ray]'   (ray[data])"
 

@@ -30,7 +30,6 @@ PRESETS: dict[str, tuple[tuple[float, ...], str]] = {
 
 from nfb.errors import WeightsError  # noqa: E402,F401
 
-
 _LABEL_N = re.compile(r"LABEL_\d+")
 
 

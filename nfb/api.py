@@ -83,6 +83,9 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
         raise UsageError("--ray-address and --replicas go with --engine ray")
     model = _resolve_model(model, log)
     files = resolve_inputs(_inputs(inputs))
+    if engine_restarts and "-" in files:
+        raise UsageError("--engine-restarts needs input files: stdin cannot be read again "
+                         "after an engine restart")
     if output != "-" and any(os.path.abspath(f) == os.path.abspath(output) for f in files):
         raise UsageError(f"the output {output} is also an input")
     engine_cfg = EngineConfig(

@@ -297,7 +297,7 @@ def run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine] | None 
             if result.resumed_rows:  # the count decides whether the model is needed at all
                 total: int | None | Future = count()
             else:  # a fresh run: count beside the engine start, for the progress bar only
-                total = ThreadPoolExecutor(1, thread_name_prefix="nfb-count").submit(count)
+                total = _in_daemon_thread(count)
             if total is not None and total == result.resumed_rows and wd is not None:
                 log("all rows were already done; merging")
             else:
@@ -312,26 +312,48 @@ def run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine] | None 
             saved = result.resumed_rows + result.new_rows
             raise Interrupted(
                 f"interrupted: {saved:,} rows are saved in "
-                f"{wd.path if wd else 'the output'}; run the same command again to go on"
+                f"{wd.path if wd else 'the output'}; {_again(cfg)}"
             ) from None
     result.seconds = time.monotonic() - t0
     return result
 
 
+def _again(cfg: RunConfig) -> str:
+    if cfg.overwrite:
+        return "run the same command again without --overwrite to go on"
+    return "run the same command again to go on"
+
+
+def _in_daemon_thread(fn: Callable[[], int | None]) -> Future:
+    """Run `fn` beside the engine start; a daemon thread, so an early exit never waits for
+    it (counting a large compressed input takes a while)."""
+    import threading
+
+    fut: Future = Future()
+
+    def target() -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            fut.set_exception(e)
+    threading.Thread(target=target, name="nfb-count", daemon=True).start()
+    return fut
+
+
 def _restore_counts(wd: WorkDir, prefix: str, result: RunResult) -> None:
     """Error and level counts of rows finished by earlier invocations (for the summary)."""
     for p in wd.parts():
-        cols = [prefix + ERROR]
         names = pq.read_schema(p).names
-        if prefix + "feedback_level" in names:
-            cols.append(prefix + "feedback_level")
-        t = pq.read_table(p, columns=cols)
+        levels = [n for n in names if n.startswith(prefix) and n.endswith("feedback_level")]
+        t = pq.read_table(p, columns=[prefix + ERROR, *levels])
         for e in t.column(0).to_pylist():
             if e is not None:
                 result.errors[error_code(e)] += 1
-        if len(cols) > 1:
-            for lv in t.column(1).to_pylist():
-                if lv is not None:
+        for name in levels:   # one column per response field, or a list column
+            for lv in t.column(name).to_pylist():
+                if isinstance(lv, list):
+                    result.levels.update(x for x in lv if x is not None)
+                elif lv is not None:
                     result.levels[lv] += 1
 
 
@@ -379,8 +401,8 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
                 engine = None
                 if restarts <= 0:
                     where = f" in {wd.path}" if wd is not None else ""
-                    raise EngineDied(f"{e}; {saved:,} rows are saved{where}; run the same "
-                                     "command again to go on") from None
+                    raise EngineDied(f"{e}; {saved:,} rows are saved{where}; "
+                                     f"{_again(cfg)}") from None
                 restarts -= 1
                 progress.note(f"{e}; restarting the engine ({restarts} restart(s) left)")
                 done = _union(done, collector.emitted)
@@ -578,7 +600,19 @@ class Feeder:
             for pr in task.prompts(conv, row=d) if row_fields else task.prompts(conv):
                 prompts.append(pr)
                 owners.append(j)
-        ids = render(self.tokenizer, prompts)
+        try:
+            ids = render(self.tokenizer, prompts)
+        except Exception:  # noqa: BLE001 - a chat template that refuses some row
+            ids, bad = [], {}
+            for j, pr in zip(owners, prompts):
+                try:
+                    ids.append(render(self.tokenizer, [pr])[0])
+                except Exception as e:  # noqa: BLE001
+                    ids.append(None)
+                    bad.setdefault(j, f"template_error:{' '.join(str(e).split())[:200]}")
+            failed.extend(bad.items())
+            owners = [j for j, t in zip(owners, ids) if j not in bad]
+            ids = [t for t in ids if t is not None]
         by_row: dict[int, list[list[int]]] = {}
         for j, toks in zip(owners, ids):
             by_row.setdefault(j, []).append(toks)

@@ -66,11 +66,21 @@ def engine_key(cfg, runner: str) -> tuple:
             cfg.enable_prefix_caching, cfg.enforce_eager, cfg.trust_remote_code)
 
 
+# each CPU engine holds ~1.5 GB (weights, 1 GiB of KV cache, torch): keep the most recently
+# used few, or a full run of the suite outgrows the machine's 24 GiB and starts thrashing
+MAX_ENGINES = int(os.environ.get("NFB_TEST_MAX_ENGINES", "3"))
+
+
 def shared_engine(engine_cfg, runner: str):
     from nfb.engines.vllm import VLLMEngine
 
     key = engine_key(engine_cfg, runner)
-    if key not in _ENGINES:
+    if key in _ENGINES:
+        _ENGINES[key] = _ENGINES.pop(key)          # most recently used last
+    else:
+        while len(_ENGINES) >= MAX_ENGINES:
+            oldest = next(iter(_ENGINES))
+            _ENGINES.pop(oldest).close()
         _ENGINES[key] = VLLMEngine(dataclasses.replace(engine_cfg, gpu_memory_utilization=0.2),
                                    runner)
     return _Shared(_ENGINES[key], engine_cfg.max_in_flight)

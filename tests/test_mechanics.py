@@ -200,3 +200,31 @@ def test_several_responses_scored(stub_cli, models, tmp_path):
     t = table(out)
     assert t.column_names[-4:] == ["nfb_row", "nfb_error", "chosen_reward", "rejected_reward"]
     assert t.column("rejected_reward").to_pylist() == table(single).column("reward").to_pylist()
+
+
+def test_a_chat_template_that_refuses_a_row_gives_an_error_row(stub_cli, tiny_tokenizer_model,
+                                                              tmp_path):
+    """Templates such as Gemma's raise for some conversations: that row gets
+    template_error, the others are scored (the run never dies on one row)."""
+    import json
+    import shutil
+
+    model = tmp_path / "strict"
+    shutil.copytree(tiny_tokenizer_model, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    import tiny_models
+    cfg["chat_template"] = ("{% for m in messages %}{% if 'BOOM' in m['content'] %}"
+                            "{{ raise_exception('roles must alternate') }}{% endif %}"
+                            "{% endfor %}" + tiny_models.CHAT_TEMPLATE)
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for extra in model.glob("chat_template.*"):
+        extra.unlink()
+    rows = sample_rows(6)
+    rows[2]["response"] = "BOOM"
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "o.parquet"
+    r = stub_cli("feedback", src, "-o", out, "--model", model, "--max-tokens", "64")
+    assert r.exit_code == 0, r.output
+    errs = table(out).column("nfb_error").to_pylist()
+    assert errs[2] == "template_error:roles must alternate"
+    assert [e for i, e in enumerate(errs) if i != 2] == [None] * 5

@@ -23,7 +23,7 @@ def test_python_api_snippet(stub_cli, tiny_tokenizer_model, models, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     code = code.replace('model="demo"', f'model="{tiny_tokenizer_model}"')
     code = code.replace('model="steerlm-rm-hf"', f'model="{models["rm9"]}"')
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("36 {}")      # rows, no errors
     assert "'p50'" in out[-1] or "p50" in out[-1]

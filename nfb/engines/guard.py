@@ -84,7 +84,7 @@ class Guardian:
         try:
             self.proc.stdin.write(f"{pid} {create_time!r}\n".encode())
             self.proc.stdin.flush()
-        except OSError:
+        except (OSError, ValueError):   # released meanwhile
             pass
 
     def release(self) -> None:
@@ -103,13 +103,17 @@ class Guardian:
             self.proc.kill()
 
 
-def snapshot_children(since: float) -> list[tuple[int, float]]:
-    """(pid, start time) of this process's descendants started at or after `since`."""
+def snapshot_children(since: float, exclude: set[int] = frozenset()
+                      ) -> list[tuple[int, float]]:
+    """(pid, start time) of this process's descendants started at or after `since`, except
+    `exclude` (the children that existed before the engine started)."""
     import psutil
 
     out = []
     try:
         for c in psutil.Process().children(recursive=True):
+            if c.pid in exclude:
+                continue
             try:
                 ct = c.create_time()
             except psutil.Error:
@@ -122,18 +126,38 @@ def snapshot_children(since: float) -> list[tuple[int, float]]:
 
 
 def main() -> None:
+    """Collect records from stdin; kill them when nfb is gone. nfb is gone when stdin ends
+    without "release", or when this process's parent changes: vLLM forks its engine on GPUs,
+    and a forked engine holds a copy of the pipe's write end, so EOF alone never comes."""
+    import threading
+
+    parent = os.getppid()
     records: list[tuple[int, float]] = []
-    for line in sys.stdin.buffer:
-        line = line.strip()
-        if line == b"release":
+    released = threading.Event()
+    ended = threading.Event()
+
+    def read() -> None:
+        for line in sys.stdin.buffer:
+            line = line.strip()
+            if line == b"release":
+                released.set()
+                return
+            try:
+                pid, ctime = line.split()
+                records.append((int(pid), float(ctime)))
+            except ValueError:
+                continue
+        ended.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    while not released.is_set():
+        if ended.is_set() or os.getppid() != parent:
+            time.sleep(0.2)
+            if released.is_set():
+                return
+            kill_processes(list(records))
             return
-        try:
-            pid, ctime = line.split()
-            records.append((int(pid), float(ctime)))
-        except ValueError:
-            continue
-    time.sleep(0.2)   # EOF: the parent is gone
-    kill_processes(records)
+        time.sleep(0.25)
 
 
 if __name__ == "__main__":

@@ -111,13 +111,13 @@ class VLLMEngine:
         self.guardian = Guardian()
         self.log = None if verbose() else CapturedStderr()
         started = time.time()
+        before = {pid for pid, _ in snapshot_children(0.0)} | {self.guardian.proc.pid}
         watcher_stop = threading.Event()
 
         def watch_load() -> None:  # register engine processes while they appear
             while not watcher_stop.wait(0.5):
-                for pid, ctime in snapshot_children(started):
-                    if pid != self.guardian.proc.pid:
-                        self.guardian.add(pid, ctime)
+                for pid, ctime in snapshot_children(started, before):
+                    self.guardian.add(pid, ctime)
         loader = threading.Thread(target=watch_load, name="nfb-load-watch", daemon=True)
         loader.start()
         try:
@@ -130,20 +130,24 @@ class VLLMEngine:
             else:
                 self.llm = LLM(model=cfg.model, runner=runner, **kwargs)
         except KeyboardInterrupt:
+            watcher_stop.set()
+            loader.join()
             self._abandon()
             raise
         except Exception as e:  # noqa: BLE001 - vLLM raises many kinds
             from nfb.engines.diagnose import load_failure
             from nfb.errors import ModelError
 
+            watcher_stop.set()
+            loader.join()
             message = load_failure(e, self.log.text() if self.log else "")
             self._abandon()
             raise ModelError(message) from None
         finally:
             watcher_stop.set()
-        for pid, ctime in snapshot_children(started):
-            if pid != self.guardian.proc.pid:
-                self.guardian.add(pid, ctime)
+        loader.join()
+        for pid, ctime in snapshot_children(started, before):
+            self.guardian.add(pid, ctime)
         self.engine = self.llm.llm_engine
         self.tokenizer = self.llm.get_tokenizer()
         mc = self.llm.llm_engine.model_config
@@ -198,6 +202,17 @@ class VLLMEngine:
                 self._wake()
                 return
 
+    def _add(self, rid: str, prompt, params) -> None:
+        from nfb.errors import EngineDied
+
+        try:
+            self.engine.add_request(rid, prompt, params)
+        except Exception as e:  # noqa: BLE001 - vLLM's EngineDeadError and kin
+            if self._dead is None:
+                import time
+                time.sleep(1.0)   # let the watchdog see a dead process, for the message
+            raise EngineDied(self._dead or f"the engine failed: {e!s:.300}") from None
+
     def _step(self):
         import time
 
@@ -230,13 +245,16 @@ class VLLMEngine:
         try:
             while True:
                 while not exhausted and len(inflight) < window and can_feed():
+                    self._busy = False        # waiting for input is no engine stall
                     try:
                         key, ids = next(source)
                     except StopIteration:
                         exhausted = True
                         break
+                    finally:
+                        self._last_progress = time.monotonic()
                     rid = f"nfb-{next(self._ids)}"
-                    engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), params)
+                    self._add(rid, TokensPrompt(prompt_token_ids=ids), params)
                     inflight[rid] = key
                 if not inflight:
                     self._busy = False

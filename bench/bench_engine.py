@@ -25,18 +25,7 @@ import time
 from pathlib import Path
 
 import orjson
-from common import machine, write_jsonl
-
-
-class Shared:
-    def __init__(self, engine):
-        self.engine = engine
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def close(self):
-        pass
+from common import Shared, machine, write_jsonl
 
 
 def _rows(src: Path) -> list[dict]:

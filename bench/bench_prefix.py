@@ -19,18 +19,7 @@ import time
 from pathlib import Path
 
 import orjson
-from common import helpsteer_rows, machine, text
-
-
-class Shared:
-    def __init__(self, engine):
-        self.engine = engine
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def close(self):
-        pass
+from common import Shared, helpsteer_rows, machine, text
 
 
 def data(path: Path, rows: int, responses: int) -> Path:

@@ -54,6 +54,19 @@ def write_jsonl(path: Path, n: int) -> Path:
     return path
 
 
+class Shared:
+    """One engine handed to several runs in a benchmark: close() leaves it running."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def close(self):
+        pass
+
+
 class InstantEngine:
     """Answers every request at once: measures everything nfb does around the engine. It
     carries a real tokenizer (templating and tokenization are nfb's main cost per row)."""

@@ -9,29 +9,13 @@ import json
 import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nasty import values
 from test_io_helpers import run_io
 
 from nfb.io.arrow import rows_to_table
 
 KEYS = ["a", "b", "meta", "é", ""]
-BIG = st.integers(min_value=-(2 ** 80), max_value=2 ** 80)
-SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 5), BIG,
-    st.floats(allow_nan=False, allow_infinity=False, width=64),
-    st.text(st.characters(blacklist_categories=("Cs",)), max_size=8))
-
-
-def _deep(n: int, leaf):
-    for _ in range(n):
-        leaf = [leaf]
-    return leaf
-
-
-VALUES = st.one_of(
-    st.recursive(SCALARS, lambda inner: st.one_of(
-        st.lists(inner, max_size=3),
-        st.dictionaries(st.sampled_from(KEYS), inner, max_size=3)), max_leaves=8),
-    st.builds(_deep, st.integers(15, 60), SCALARS))
+VALUES = values(KEYS, max_leaves=8)
 ROWS = st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=4)
 BAD = st.sampled_from([b"", b"   ", b"{bad", b"[1, 2]", b'"text"', b"1e400x", b'{"a": NaN}',
                        b'{"a": "bad \xff byte"}'])

@@ -29,6 +29,7 @@ import tiny_models
 from conftest import sample_rows, write_jsonl
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from nasty import SCALARS, TEXT, values
 
 TESTS = Path(__file__).parent
 SUBPROCESS_TIMEOUT = 90
@@ -149,23 +150,7 @@ def assert_same_output(out: Path, ref: Path, n: int) -> None:
 # --- 1. the property ------------------------------------------------------------------------
 
 KEYS = ["id", "meta", "x", "é", "", "tags"]
-BIG = st.integers(min_value=-(2 ** 80), max_value=2 ** 80)
-TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), BIG,
-                    st.floats(allow_nan=False, allow_infinity=False), TEXT)
-
-
-def _deep(n: int, leaf):
-    for _ in range(n):
-        leaf = [leaf]
-    return leaf
-
-
-VALUES = st.one_of(
-    st.recursive(SCALARS, lambda inner: st.one_of(
-        st.lists(inner, max_size=3),
-        st.dictionaries(st.sampled_from(KEYS), inner, max_size=3)), max_leaves=6),
-    st.builds(_deep, st.integers(15, 60), SCALARS))
+VALUES = values(KEYS, max_leaves=6)
 # prompt/response: mostly text, sometimes null, a number, a list or an object
 FIELD = st.one_of(TEXT, TEXT, TEXT, st.none(), st.integers(), st.lists(TEXT, max_size=2),
                   st.dictionaries(st.sampled_from(KEYS), SCALARS, max_size=2))

@@ -34,7 +34,7 @@ from nfb.io.writers import STDOUT, OutputWriter, PartWriter, merge_tables, read_
 from nfb.prompts import render
 from nfb.records import to_conversation
 from nfb.tasks.base import Task
-from nfb.workdir import ENGINE_FILE, ResumeError, WorkDir
+from nfb.workdir import ResumeError, WorkDir
 
 ROW, ERROR = "nfb_row", "nfb_error"
 
@@ -418,7 +418,7 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
         if engine is not None:
             engine.close()
         if wd is not None:
-            (wd.path / ENGINE_FILE).unlink(missing_ok=True)
+            wd.forget_engine()
 
 
 def _start(engine_factory: Callable[[], Engine], wd: WorkDir | None) -> Engine:
@@ -426,28 +426,20 @@ def _start(engine_factory: Callable[[], Engine], wd: WorkDir | None) -> Engine:
     engine = engine_factory()
     pids = getattr(engine, "pids", None)
     if wd is not None and callable(pids):
-        import orjson
-        tmp = wd.path / f".{ENGINE_FILE}.tmp"
-        tmp.write_bytes(orjson.dumps({"pids": pids()}))
-        os.replace(tmp, wd.path / ENGINE_FILE)
+        wd.record_engine(pids())
     return engine
 
 
 def stop_leftover_engine(wd: WorkDir, log: Callable[[str], None]) -> None:
     """A killed run may have left its engine running (its pids are in the work directory):
     stop it before this run loads the model, checking each pid is still that process."""
-    import orjson
-
-    path = wd.path / ENGINE_FILE
-    try:
-        pids = orjson.loads(path.read_bytes()).get("pids") or []
-    except (OSError, ValueError):
-        return
-    from nfb.engines.guard import kill_processes
-    n = kill_processes([(int(p), float(t)) for p, t in pids])
-    if n:
-        log(f"stopped {n} leftover engine process(es) of an earlier, killed run")
-    path.unlink(missing_ok=True)
+    pids = wd.engine_pids()
+    if pids:
+        from nfb.engines.guard import kill_processes
+        n = kill_processes(pids)
+        if n:
+            log(f"stopped {n} leftover engine process(es) of an earlier, killed run")
+    wd.forget_engine()
 
 
 def _union(done: np.ndarray, emitted: list[np.ndarray]) -> np.ndarray:

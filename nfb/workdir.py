@@ -94,6 +94,25 @@ class WorkDir:
         for p in self.path.glob(".*.tmp"):
             p.unlink(missing_ok=True)
 
+    def record_engine(self, pids: list[tuple[int, float]]) -> None:
+        """Record the running engine's processes (pid, start time), for a later run to stop
+        them if this one is killed."""
+        tmp = self.path / f".{ENGINE_FILE}.tmp"
+        tmp.write_bytes(orjson.dumps({"pids": pids}))
+        os.replace(tmp, self.path / ENGINE_FILE)
+
+    def engine_pids(self) -> list[tuple[int, float]]:
+        """The processes a killed run recorded (empty when none or unreadable)."""
+        raw = self._read_engine_file()
+        try:
+            pids = orjson.loads(raw).get("pids") or [] if raw else []
+            return [(int(p), float(t)) for p, t in pids]
+        except (ValueError, TypeError, AttributeError):
+            return []
+
+    def forget_engine(self) -> None:
+        (self.path / ENGINE_FILE).unlink(missing_ok=True)
+
     def _read_engine_file(self) -> bytes | None:
         try:
             return (self.path / ENGINE_FILE).read_bytes()

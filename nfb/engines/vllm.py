@@ -202,20 +202,23 @@ class VLLMEngine:
                 self._wake()
                 return
 
-    def _add(self, rid: str, prompt, params) -> None:
+    def _died(self, e: Exception):
+        """The EngineDied that an engine call's failure `e` stands for."""
+        import time
+
         from nfb.errors import EngineDied
 
+        if self._dead is None:
+            time.sleep(1.0)   # let the watchdog see a dead process, for the message
+        return EngineDied(self._dead or f"the engine failed: {e!s:.300}")
+
+    def _add(self, rid: str, prompt, params) -> None:
         try:
             self.engine.add_request(rid, prompt, params)
         except Exception as e:  # noqa: BLE001 - vLLM's EngineDeadError and kin
-            if self._dead is None:
-                import time
-                time.sleep(1.0)   # let the watchdog see a dead process, for the message
-            raise EngineDied(self._dead or f"the engine failed: {e!s:.300}") from None
+            raise self._died(e) from None
 
     def _step(self):
-        import time
-
         from nfb.errors import EngineDied
 
         if self._dead is not None:
@@ -223,9 +226,7 @@ class VLLMEngine:
         try:
             outs = self.engine.step()
         except Exception as e:  # noqa: BLE001
-            if self._dead is None:
-                time.sleep(1.0)  # let the watchdog see a dead process, for the message
-            raise EngineDied(self._dead or f"the engine failed: {e!s:.300}") from None
+            raise self._died(e) from None
         if self._dead is not None:
             raise EngineDied(self._dead)
         return outs

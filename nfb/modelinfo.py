@@ -55,17 +55,21 @@ def read_model_info(model: str, revision: str | None, trust_remote_code: bool) -
     return ModelInfo(archs, num, id2label, getattr(text, "max_position_embeddings", None))
 
 
-def read_nfb_key(model: str) -> dict | None:
-    """The `nfb` key that `nfb convert` writes into a converted model's config.json."""
+def read_config_json(model: str) -> dict:
+    """A local model directory's config.json as it is ({} when there is none to read)."""
     import orjson
 
-    path = os.path.join(os.path.expanduser(model), "config.json")
     try:
-        with open(path, "rb") as fh:
+        with open(os.path.join(os.path.expanduser(model), "config.json"), "rb") as fh:
             cfg = orjson.loads(fh.read())
     except (OSError, ValueError):
-        return None
-    value = cfg.get("nfb") if isinstance(cfg, dict) else None
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def read_nfb_key(model: str) -> dict | None:
+    """The `nfb` key that `nfb convert` writes into a converted model's config.json."""
+    value = read_config_json(model).get("nfb")
     return value if isinstance(value, dict) else None
 
 

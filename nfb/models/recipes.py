@@ -140,17 +140,6 @@ def by_name(name: str) -> Recipe | None:
     return None
 
 
-def _config(model: str) -> dict:
-    import orjson
-
-    try:
-        with open(os.path.join(os.path.expanduser(model), "config.json"), "rb") as fh:
-            cfg = orjson.loads(fh.read())
-    except (OSError, ValueError):
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
-
-
 def find_recipe(model: str, recipe: str | None = None) -> tuple[Recipe | None, str]:
     """The recipe for `model` and how it was found ("" when none matched).
 
@@ -164,7 +153,9 @@ def find_recipe(model: str, recipe: str | None = None) -> tuple[Recipe | None, s
     if not os.path.isdir(path):
         r = by_name(model) if model.count("/") == 1 else None
         return (r, "hub id") if r else (None, "")
-    cfg = _config(path)
+    from nfb.modelinfo import read_config_json
+
+    cfg = read_config_json(path)
     nfb_key = cfg.get("nfb") if isinstance(cfg.get("nfb"), dict) else {}
     if nfb_key.get("recipe") in CONVERTED:
         return by_name(CONVERTED[nfb_key["recipe"]]), "nfb convert"

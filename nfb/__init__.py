@@ -1,7 +1,7 @@
 """nfb: score datasets of LLM conversations offline with Nemotron feedback and reward models.
 
-The one-call API (see `nfb.api`): `nfb.feedback`, `nfb.score`, `nfb.filter`, `nfb.stats`,
-`nfb.merge`, `nfb.convert`, `nfb.pairs`, `nfb.evaluate`, `nfb.report`. Errors are
+The one-call API (see `nfb.api`): `nfb.feedback`, `nfb.score`, `nfb.judge`, `nfb.filter`,
+`nfb.stats`, `nfb.merge`, `nfb.convert`, `nfb.pairs`, `nfb.evaluate`, `nfb.report`. Errors are
 `nfb.errors.NfbError` subclasses with the exit code the CLI would use.
 """
 
@@ -10,7 +10,7 @@ import types
 
 __version__ = "0.2.0"
 
-_API = ("feedback", "score", "filter", "stats", "merge", "convert", "pairs", "evaluate",
+_API = ("feedback", "score", "judge", "filter", "stats", "merge", "convert", "pairs", "evaluate",
         "report")
 
 

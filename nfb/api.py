@@ -3,6 +3,7 @@
     import nfb
     result = nfb.feedback("data.jsonl", "out.parquet")   # Llama-3.3-Nemotron-70B-Feedback
     result = nfb.score("data.jsonl", "scored.parquet", model="nvidia/Llama-3.3-Nemotron-70B-Reward")
+    result = nfb.judge("pairs.jsonl", "judged.parquet", response_field=["chosen", "rejected"])
     nfb.filter("scored.parquet", "kept.parquet", min_reward=0.5)
 
 Options are keyword-only and named like the CLI flags (`--max-tokens` is `max_tokens=`).
@@ -24,6 +25,9 @@ from nfb.merge import merge  # noqa: F401
 from nfb.pipeline import Progress, RunResult, run
 from nfb.stats import stats  # noqa: F401
 from nfb.tasks.feedback import CONSTRAINED_REGEX, DEFAULT_MODEL, FeedbackTask
+from nfb.tasks.judge import MAX_TOKENS as JUDGE_MAX_TOKENS
+from nfb.tasks.judge import TEMPERATURE as JUDGE_TEMPERATURE
+from nfb.tasks.judge import TOP_P as JUDGE_TOP_P
 
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 
@@ -207,11 +211,137 @@ def _feedback_recipe(name: str, model_dir: str, log: Callable[[str], None]):
     recipe, how = find_recipe(model_dir if os.path.isdir(model_dir) else name)
     if recipe is None:
         return None
+    if recipe.task == "judge":
+        raise UsageError(f"{recipe.hub_id} is a generative reward model ({recipe.card}); run "
+                         "it with `nfb judge`")
     if recipe.task != "feedback":
         raise UsageError(f"{recipe.hub_id} is a reward model ({recipe.card}); score it with "
                          "`nfb score`")
     log(f"recipe {recipe.name} ({how}): {recipe.card}")
     return recipe
+
+
+def judge(
+    inputs: str | Sequence[str], output: str, *,
+    model: str = "nvidia/Llama-3_3-Nemotron-Super-49B-GenRM", recipe: str | None = None,
+    revision: str | None = None,
+    prompt_field: str = "prompt", response_field: str | Sequence[str] | None = "response",
+    messages_field: str | None = None,
+    samples: int = 1, temperature: float = JUDGE_TEMPERATURE, top_p: float = JUDGE_TOP_P,
+    max_tokens: int = JUDGE_MAX_TOKENS, seed: int | None = None,
+    tensor_parallel_size: int = 1, max_model_len: int | None = None,
+    gpu_memory_utilization: float | None = None, dtype: str = "auto",
+    trust_remote_code: bool = False, enforce_eager: bool = False,
+    max_in_flight: int = 1024, batch_rows: int = 256,
+    engine: str = "vllm", ray_address: str | None = None, replicas: int = 1,
+    ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
+    limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
+    overwrite: bool = False, checkpoint_every: float = 30.0,
+    progress: Progress | None = None, log: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Judge each row with a generative reward model (GenRM): it reasons, then scores.
+
+    One response (`response_field="response"`, or `messages_field`): `helpfulness` (1-5).
+    Two responses (`response_field=["a", "b"]`): `helpfulness_1`, `helpfulness_2`, `ranking`
+    (1-6, below 3.5 prefers the first) and `preferred` (1 or 2). Always `judgement` (the text
+    after the reasoning) and `judge_error` (why a judgement could not be read, else null).
+    With samples > 1 the scores are the mean over the samples that parsed (`judge_votes`)."""
+    from nfb.tasks.judge import JudgeTask
+
+    log = log or (lambda _m: None)
+    names = [response_field] if isinstance(response_field, str) else list(response_field or [])
+    names = names or ["response"]
+    if len(names) > 2:
+        raise UsageError("a GenRM judges one response or two: give --response-field once or "
+                         "twice")
+    if top_p <= 0 or top_p > 1:
+        raise UsageError("--top-p must be in (0, 1]")
+    if temperature < 0:
+        raise UsageError("--temperature must be 0 or more")
+    if samples < 1 or max_tokens < 1:
+        raise UsageError("--samples and --max-tokens must be at least 1")
+    if engine == "ray" and samples > 1:
+        raise UsageError("--samples > 1 is not available with --engine ray: Ray Data LLM "
+                         "returns one sample per request")
+    cfg = _run_config(
+        inputs, output, model=model, revision=revision, prompt_field=prompt_field,
+        response_field=names, messages_field=messages_field, limit=limit,
+        shard=shard, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
+        trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
+        max_in_flight=max_in_flight, batch_rows=batch_rows, engine=engine,
+        ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
+        prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
+        engine_restarts=engine_restarts, stall_timeout=stall_timeout,
+        # a GenRM template puts its long instructions before every conversation
+        enable_prefix_caching=True, log=log)
+    found = _judge_recipe(model, cfg.engine.model, recipe, len(names), log)
+    _check_context(cfg, max_tokens)
+    _check_judge_template(cfg.engine.model, revision, trust_remote_code, len(names))
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                              seed=seed, samples=samples)
+    task = JudgeTask(sampling, responses=len(names), recipe=found,
+                     context_limit=found.context_limit if found else None)
+    return run(cfg, task, progress=progress, log=log)
+
+
+def _judge_recipe(name: str, model_dir: str, recipe: str | None, responses: int,
+                  log: Callable[[str], None]):
+    """The GenRM's recipe, or None (generic path); a model of another kind is refused."""
+    from nfb.models.recipes import RECIPES, find_recipe
+
+    try:
+        found, how = find_recipe(model_dir if os.path.isdir(model_dir) else name, recipe)
+    except KeyError:
+        raise UsageError(f"--recipe {recipe!r}: unknown; known recipes: "
+                         f"{', '.join(r.name for r in RECIPES)} (see `nfb models`)") from None
+    if found is None:
+        log(f"note: no nfb recipe for {name}: generic path (its chat template must know the "
+            "roles response_1 and response_2); `nfb models` lists the GenRMs nfb knows")
+        return None
+    if not found.supported:
+        raise UsageError(f"{found.hub_id} is known but not yet supported by nfb: {found.note} "
+                         f"(card: {found.card})")
+    if found.task != "judge":
+        verb = "nfb feedback" if found.task == "feedback" else "nfb score"
+        raise UsageError(f"{found.hub_id} is not a generative reward model: use `{verb}` "
+                         f"(card: {found.card})")
+    if responses not in found.responses:
+        raise UsageError(
+            f"{found.hub_id} judges two responses at once: name them with --response-field A "
+            f"--response-field B (card: {found.card})" if found.responses == (2,) else
+            f"{found.hub_id} judges {' or '.join(map(str, found.responses))} response(s), "
+            f"not {responses} (card: {found.card})")
+    log(f"recipe {found.name} ({how}): {found.card}")
+    return found
+
+
+def _check_judge_template(model: str, revision: str | None, trust_remote_code: bool,
+                          responses: int) -> None:
+    """Before loading: the model's chat template must render the response roles (a GenRM's
+    template does; another model's drops them or fails, which would judge nothing)."""
+    if not os.path.isdir(model):
+        return  # a hub id: the tokenizer comes with the engine
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model, revision=revision,
+                                            trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - the engine reports an unreadable tokenizer itself
+        return
+    marks = [f"nfb-probe-response-{i}" for i in range(1, responses + 1)]
+    probe = [{"role": "user", "content": "nfb-probe-prompt"},
+             *({"role": f"response_{i}", "content": m} for i, m in enumerate(marks, 1))]
+    try:
+        text = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - a template that refuses the roles
+        raise UsageError(f"{model}: its chat template cannot render the roles response_1/"
+                         f"response_2 that a GenRM reads ({' '.join(str(e).split())[:160]}): "
+                         "is this a generative reward model?") from None
+    missing = [m for m in marks if m not in text]
+    if missing:
+        raise UsageError(f"{model}: its chat template drops the judged response(s) in the "
+                         "roles response_1/response_2: is this a generative reward model?")
 
 
 def score(

@@ -50,6 +50,7 @@ class RunResult:
     resumed_rows: int = 0             # rows found done in the work directory
     errors: Counter = field(default_factory=Counter)   # error code -> rows
     levels: Counter = field(default_factory=Counter)   # feedback level -> rows
+    unreadable: int = 0               # judge: judgements whose scores could not be read
     seconds: float = 0.0              # wall time of this invocation
     load_seconds: float = 0.0         # of which: starting the engine (loading the model)
     already_done: bool = False
@@ -61,7 +62,8 @@ class RunResult:
     def summary(self) -> dict:
         return {"rows": self.rows, "error_rows": self.error_rows,
                 "errors": dict(self.errors.most_common()),
-                "levels": {str(k): v for k, v in sorted(self.levels.items())}}
+                "levels": {str(k): v for k, v in sorted(self.levels.items())},
+                "unreadable": self.unreadable}
 
 
 def error_code(reason: str) -> str:
@@ -176,6 +178,8 @@ class Collector:
                 self.result.errors[error_code(e)] += 1
         for v in p.values:
             for key, level in v.items():
+                if key.endswith("judge_error") and level is not None:
+                    self.result.unreadable += 1
                 if not key.endswith("feedback_level") or level is None:
                     continue
                 if isinstance(level, list):   # one level per response (a list field)
@@ -241,7 +245,7 @@ def finished_result(cfg: RunConfig, fp: str) -> RunResult | None:
         s = meta.get("summary", {})
         return RunResult(cfg.output, rows=s.get("rows", 0), errors=Counter(s.get("errors", {})),
                          levels=Counter({int(k): v for k, v in s.get("levels", {}).items()}),
-                         already_done=True)
+                         unreadable=s.get("unreadable", 0), already_done=True)
     if wd.exists:
         return None  # an unfinished run: its work directory decides
     raise ResumeError(
@@ -345,7 +349,10 @@ def _restore_counts(wd: WorkDir, prefix: str, result: RunResult) -> None:
     for p in wd.parts():
         names = pq.read_schema(p).names
         levels = [n for n in names if n.startswith(prefix) and n.endswith("feedback_level")]
-        t = pq.read_table(p, columns=[prefix + ERROR, *levels])
+        judged = [n for n in names if n == prefix + "judge_error"]
+        t = pq.read_table(p, columns=[prefix + ERROR, *levels, *judged])
+        for name in judged:
+            result.unreadable += t.column(name).length() - t.column(name).null_count
         for e in t.column(0).to_pylist():
             if e is not None:
                 result.errors[error_code(e)] += 1

@@ -119,6 +119,8 @@ def print_summary(console: Console, result: RunResult, task: str) -> None:
     t.add_row("rows with errors", f"{result.error_rows:,}")
     for code, n in result.errors.most_common():
         t.add_row(f"  {code}", f"{n:,}")
+    if task == "judge":
+        t.add_row("judgements unreadable", f"{result.unreadable:,}")
     console.print(t)
     if task == "feedback" and (result.levels or result.rows):
         from nfb.tasks.feedback import LABELS

@@ -34,6 +34,9 @@ def run_probe(*args):
     (["feedback", "missing.jsonl", "-o", "o.parquet"], 1, "missing.jsonl: no such file"),
     (["feedback", "{src}", "-o", "{src}", "--overwrite"], 2, "is also an input"),
     (["score", "{src}", "-o", "o.parquet"], 2, "Missing option '--model'"),
+    (["judge", "{src}", "-o", "o.parquet", "--recipe", "nope"], 2, "unknown"),
+    (["judge", "{src}", "-o", "o.parquet", "--model", "nvidia/Qwen3-Nemotron-235B-A22B-GenRM"],
+     2, "two responses at once"),
     (["filter", "{src}", "-o", "o.parquet", "--best-of-n"], 2, "--group-by"),
     (["merge", "{src}", "-o", "o.parquet"], 2, "no nfb provenance"),
 ])

@@ -172,3 +172,94 @@ def build_qwen3_reward(out: Path, name_or_path: str | None = None, seed: int = 5
     model.save_pretrained(out, safe_serialization=True)
     _set_name_or_path(out, name_or_path)
     return out
+
+
+# --- GenRM (nfb judge): a tiny generative reward model that writes NVIDIA's score format ----
+
+# A GenRM chat template in miniature: the conversation becomes one user turn that lists the
+# context and the judged responses (roles response_1, response_2), as the real GenRM templates
+# do (NVIDIA's GenRM prompt: "#### Conversation Context ####", "[The Begin of Response i]").
+GENRM_TEMPLATE = (
+    "{{ bos_token }}<|start_header_id|>user<|end_header_id|>\n\n"
+    "Judge the responses: helpfulness 1-5 each; ranking 1-6 for two.\n"
+    "#### Conversation Context ####\n"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
+    "{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + '\n' }}{% endif %}"
+    "{% endfor %}#### Responses to be Scored ####\n"
+    "{% for m in messages %}{% if m['role'].startswith('response_') %}"
+    "{{ '[The Begin of Response ' + m['role'][9:] + ']\n' + m['content'] + '\n[The End of "
+    "Response ' + m['role'][9:] + ']\n' }}{% endif %}{% endfor %}<|eot_id|>"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+
+_GENRM_CORPUS = (
+    "<think>\nThe first response is fine.\n</think>\n[The Begin of Individual Scores]\n"
+    "\\boxed{4, 2}\n[The End of Individual Scores]\n[The Begin of Ranking Score]\n\\boxed{2}\n"
+    "[The End of Ranking Score]\n#### Conversation Context ####\n#### Responses to be Scored "
+    "####\n[The Begin of Response 1]\n[The End of Response 1]\n"
+)
+
+
+def genrm_target(scores: list[int], ranking: int | None) -> str:
+    """What the tiny GenRM learns to write: a short reasoning, then the boxed blocks."""
+    text = ("<think>\nThe first response is fine.\n</think>\n[The Begin of Individual Scores]\n"
+            f"\\boxed{{{', '.join(map(str, scores))}}}\n[The End of Individual Scores]")
+    if ranking is not None:
+        text += f"\n[The Begin of Ranking Score]\n\\boxed{{{ranking}}}\n[The End of Ranking Score]"
+    return text
+
+
+def build_genrm(out: Path, conversations: list[tuple[list[dict], str]],
+                name_or_path: str | None = None, seed: int = 6, steps: int = 400) -> Path:
+    """A tiny LlamaForCausalLM with a GenRM chat template, trained for a few seconds until
+    greedy decoding writes each given judgement after each given conversation (messages with
+    roles user/assistant/response_1/response_2; the target text). Real vLLM then produces
+    parseable judgements, so `nfb judge` is checked end to end against transformers."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(out)
+    tok_model = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok_model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok_model.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=640, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok_model.train_from_iterator([_CORPUS + _GENRM_CORPUS] * 20, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok_model, bos_token="<|begin_of_text|>",
+                                  eos_token="<|eot_id|>", pad_token="<|pad|>")
+    tok.chat_template = GENRM_TEMPLATE
+    tok.save_pretrained(out)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_config(tok))
+    seqs = []
+    for messages, target in conversations:
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        t_ids = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append((p_ids, t_ids))
+    width = max(len(p) + len(t) for p, t in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id)
+    labels = torch.full((len(seqs), width), -100)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (p, t) in enumerate(seqs):
+        n = len(p) + len(t)
+        ids[i, :n] = torch.tensor(p + t)
+        labels[i, len(p):n] = torch.tensor(t)
+        mask[i, :n] = 1
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 2e-3:
+            break
+    model.eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    _set_name_or_path(out, name_or_path)
+    return out

@@ -76,6 +76,14 @@ OUTPUT_OPTIONS = {
     "quiet": (_opt(bool, "No progress bar or summary.", _OUT, "--quiet", "-q"), False),
 }
 RUN_OPTIONS = (INPUT_OPTIONS, ENGINE_OPTIONS, OUTPUT_OPTIONS)
+# judge: one response or two, compared in one prompt (no list field)
+JUDGE_INPUT_OPTIONS = {
+    **{k: v for k, v in INPUT_OPTIONS.items() if k != "responses_field"},
+    "response_field": (_opt(Optional[list[str]], "Input field holding the judged response "
+                            "[default: response]. Give it twice (--response-field a "
+                            "--response-field b) to judge two responses together: each one's "
+                            "helpfulness and a ranking.", _IN), None),
+}
 
 Inputs = Annotated[list[str], typer.Argument(
     help="Input files: .jsonl, .jsonl.gz, .jsonl.zst, .parquet, globs ('data/*.jsonl'), "
@@ -178,3 +186,39 @@ def score(
         options, inputs=inputs, output=output, model=model, weights=weights,
         attributes=attributes, reward_token=reward_token, prompt_format=prompt_format,
         recipe=recipe, principle=principle or None, principle_field=principle_field))
+
+
+@app.command(no_args_is_help=True)
+@handle
+@with_options(JUDGE_INPUT_OPTIONS, ENGINE_OPTIONS, OUTPUT_OPTIONS)
+def judge(
+    inputs: Inputs,
+    output: Output,
+    model: _opt(str, "Generative reward model (GenRM): hub id or local directory (see `nfb "
+                "models`).", _MODEL) = "nvidia/Llama-3_3-Nemotron-Super-49B-GenRM",
+    recipe: _opt(Optional[str], "Run the model as a known GenRM recipe says (a name from `nfb "
+                 "models`, or its hub id), e.g. for a local copy nfb cannot recognise.",
+                 _MODEL) = None,
+    samples: _opt(int, "Judgements per row; the scores are averaged over the ones that parse "
+                  "(voting).", _SAMPLING, min=1) = 1,
+    temperature: _opt(float, "Sampling temperature (0: greedy).", _SAMPLING,
+                      min=0.0) = 0.6,
+    top_p: _opt(float, "Nucleus sampling mass.", _SAMPLING, min=0.0, max=1.0) = 0.95,
+    max_tokens: _opt(int, "Most tokens generated per judgement (reasoning included).",
+                     _SAMPLING, min=1) = 16384,
+    seed: _opt(Optional[int], "Seed every request: the same row gives the same judgement, "
+               "resumed or not.", _SAMPLING) = None,
+    **options,
+) -> None:
+    """Judge responses with a generative reward model: it reasons, then scores.
+
+    One response: helpfulness (1-5). Two (--response-field a --response-field b):
+    helpfulness_1, helpfulness_2, ranking (1-6: 1 = the first is much better, 6 = the second
+    is much better) and preferred (1 or 2). Adds nfb_row, nfb_error, judgement (the text after
+    the reasoning) and judge_error (why a judgement could not be read).
+    """
+    from nfb import api
+
+    _run(api.judge, "judge", dict(
+        options, inputs=inputs, output=output, model=model, recipe=recipe, samples=samples,
+        temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed))

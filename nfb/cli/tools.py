@@ -42,11 +42,15 @@ def models(
         t.add_column(col, overflow="fold")
     for r in RECIPES:
         command = {"score": "nfb score", "principle": "nfb score --principle",
-                   "feedback": "nfb feedback"}.get(r.task, "not yet supported")
+                   "feedback": "nfb feedback", "judge": "nfb judge"}[r.task] \
+            if r.supported else "not yet supported"
         score = {"classifier": "head(s), raw", "token_logit": f"logit of token id {r.tokens[0]}"
                  if r.tokens and r.tokens[0].isdigit() else "logit of one token",
                  "yes_minus_no": "logit(Yes) - logit(No)",
                  "generate": "generated text"}[r.method]
+        if r.task == "judge" and r.supported:
+            score = "reasoning, then scores (" + " or ".join(
+                {1: "1 response", 2: "2 responses"}[n] for n in r.responses) + ")"
         if r.prompt_format == "steerlm":
             score += ", SteerLM prompt" + (" (after `nfb convert`)" if "refuses" not in r.note
                                            else " (HF copy; not convertible yet)")

@@ -1,7 +1,7 @@
 """What nfb knows about NVIDIA's reward and feedback models: one recipe per model, each from
 its model card.
 
-A recipe is keyed by hub id and says: the task (`score`, `principle`, `feedback`, `genrm`),
+A recipe is keyed by hub id and says: the task (`score`, `principle`, `feedback`, `judge`),
 the prompt format ("chat": the tokenizer's chat template; "steerlm": NeMo-Aligner's text),
 the score method, the context limit the card states, the output columns and the card.
 
@@ -12,7 +12,7 @@ Score methods:
 - `yes_minus_no`: logit("Yes") - logit("No") at the position after a generation prompt (vLLM
   `classifier_from_token ["No", "Yes"]`, method `from_2_way_softmax`, which loads one head
   W[Yes] - W[No]; read with no activation it is exactly the raw difference).
-- `generate`: a generative model (feedback text, or GenRM's boxed scores).
+- `generate`: a generative model (feedback text, or a GenRM's reasoning and scores: `nfb judge`).
 
 Matching (`find_recipe`): `--recipe NAME` (a recipe name or hub id) wins; else the model
 argument itself when it is a hub id; else, for a local directory, the `nfb` key that
@@ -33,7 +33,7 @@ HF = "https://huggingface.co/"
 class Recipe:
     name: str                         # short name for --recipe
     hub_id: str
-    task: str                         # "score" | "principle" | "feedback" | "genrm"
+    task: str                         # "score" | "principle" | "feedback" | "judge"
     prompt_format: str                # "chat" | "steerlm"
     method: str                       # "classifier" | "token_logit" | "yes_minus_no" | "generate"
     columns: tuple[str, ...]          # output columns (before --prefix)
@@ -41,6 +41,7 @@ class Recipe:
     tokens: tuple[str, ...] = ()      # the tokens read: ids as digits, or token strings
     template_kwargs: dict = field(default_factory=dict)
     weights: str | None = None        # default --weights preset (multi-head models)
+    responses: tuple[int, ...] = ()   # judge: how many responses it judges at once (1, 2)
     supported: bool = True
     note: str = ""                    # what the card leaves open, or why unsupported
 
@@ -56,6 +57,13 @@ class Recipe:
 
 PRINCIPLE_QUESTION = ("Evaluate the response to the previous prompt in terms of whether it "
                       "satisfies this principle: {principle}. Only answer Yes or No.")
+
+_GENRM_NOTE = ("`nfb judge`: the conversation, then the response(s) in the roles response_1 and "
+               "response_2, rendered by the model's own chat template; it reasons, then writes "
+               "helpfulness 1-5 per response and, for two, a ranking 1-6 (1: response 1 much "
+               "better, 6: response 2 much better). Sampling defaults (temperature 0.6, top_p "
+               "0.95, 16,384 tokens) are NVIDIA's NeMo Gym GenRM settings; the card shows "
+               "voting@32 but not how votes combine: nfb averages the samples that parse")
 
 _TOKEN0_NOTE = ("card: the reward is generate(...).scores[0][0][0] (the logit of token id 0) "
                 "after the chat-templated conversation, add_generation_prompt=False")
@@ -111,16 +119,27 @@ RECIPES: tuple[Recipe, ...] = (
            "feedback", "chat", "generate", ("feedback", "feedback_level", "feedback_label"),
            note="`nfb feedback` (its default model)"),
     Recipe("llama-3.3-nemotron-super-49b-genrm", "nvidia/Llama-3_3-Nemotron-Super-49B-GenRM",
-           "genrm", "chat", "generate", ("helpfulness", "ranking"), supported=False,
-           note="generative reward model (reasoning, then boxed scores): not yet supported"),
-    Recipe("qwen3-nemotron-32b-genrm-principle", "nvidia/Qwen3-Nemotron-32B-GenRM-Principle",
-           "genrm", "chat", "generate", ("reward",), supported=False,
-           note="generative reward model with principles: not yet supported"),
+           "judge", "chat", "generate",
+           ("helpfulness", "helpfulness_1", "helpfulness_2", "ranking", "preferred"),
+           responses=(1, 2), note=_GENRM_NOTE),
+    Recipe("llama-3.3-nemotron-super-49b-genrm-multilingual",
+           "nvidia/Llama-3_3-Nemotron-Super-49B-GenRM-Multilingual",
+           "judge", "chat", "generate",
+           ("helpfulness", "helpfulness_1", "helpfulness_2", "ranking", "preferred"),
+           responses=(1, 2), note=_GENRM_NOTE),
     Recipe("qwen3-nemotron-235b-a22b-genrm", "nvidia/Qwen3-Nemotron-235B-A22B-GenRM",
-           "genrm", "chat", "generate", ("helpfulness_1", "helpfulness_2", "ranking"),
-           supported=False,
-           note="generative reward model (two responses, individual scores and a ranking): "
-           "not yet supported"),
+           "judge", "chat", "generate",
+           ("helpfulness_1", "helpfulness_2", "ranking", "preferred"), 131072,
+           responses=(2,),
+           note=_GENRM_NOTE + ". This card judges two responses only; its input limit is "
+           "'128k tokens' (nfb reads it as 131,072); NVIDIA's code reads its scores as JSON "
+           "(score_1, score_2, ranking), which nfb parses beside the boxed format"),
+    Recipe("qwen3-nemotron-32b-genrm-principle", "nvidia/Qwen3-Nemotron-32B-GenRM-Principle",
+           "judge", "chat", "generate", ("reward",), supported=False,
+           note="a generative principle reward model whose reward is read from the scores of "
+           "its final Yes/No answer; the card's exact recipe (which tokens, which position, "
+           "logits or log-probabilities) could not be verified, and nfb does not guess a "
+           "reward: not supported yet"),
 )
 
 # `nfb convert` writes config.json nfb.recipe: these are its values

@@ -40,6 +40,9 @@ def resolve_recipe(model: str, recipe: str | None):
     if found.task == "feedback":
         raise UsageError(f"{found.hub_id} is a feedback model: use `nfb feedback --model "
                          f"{model}` (card: {found.card})")
+    if found.task == "judge":
+        raise UsageError(f"{found.hub_id} is a generative reward model (it reasons, then writes "
+                         f"its scores): use `nfb judge --model {model}` (card: {found.card})")
     return found, how
 
 

@@ -1,0 +1,277 @@
+"""The judge task: a generative reward model (GenRM) reasons, then writes its scores.
+
+Pure logic: no model, no files. What the model sees is the conversation so far (user and
+assistant turns, the last one the user's request), then the judged response(s) in the roles
+`response_1` and `response_2`, rendered by the model's *own* chat template with a generation
+prompt (nvidia/Llama-3_3-Nemotron-Super-49B-GenRM, nvidia/Qwen3-Nemotron-235B-A22B-GenRM; the
+roles are the ones NVIDIA's NeMo Gym `genrm_model` server sends). nfb never retypes the
+template's instructions: the template ships with the model.
+
+What comes back:
+- a reasoning trace, closed by `</think>`; only the text after the last `</think>` is read;
+- the scores, in either format NVIDIA's GenRMs write:
+  - boxed (49B GenRM): `[The Begin of Individual Scores]\\n\\boxed{x, y}\\n[The End of
+    Individual Scores]`, and for two responses `[The Begin of Ranking Score]\\n\\boxed{z}\\n
+    [The End of Ranking Score]`;
+  - JSON (235B GenRM): `{"score_1": x, "score_2": y, "ranking": z}` (the last such object).
+- helpfulness is 1-5 (higher is better); the ranking is 1-6: 1 = response 1 is much better,
+  3 = response 1 is slightly better, 4 = response 2 is slightly better, 6 = response 2 is much
+  better (3.5 is the midpoint).
+
+A text nfb cannot read gives null scores and a reason in `judge_error`; the row itself is not
+an error row (it was judged; the judgement is unreadable). With several samples per row the
+scores are averaged over the samples that parsed (`judge_votes` says how many).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from statistics import fmean
+
+import pyarrow as pa
+
+from nfb.config import SamplingConfig
+from nfb.prompts import Prompt
+from nfb.records import Conversation
+
+# Sampling NVIDIA uses for its GenRMs (NeMo Gym configs/genrm_compare.yaml:
+# temperature 0.6, top_p 0.95, max_output_tokens 16384)
+TEMPERATURE = 0.6
+TOP_P = 0.95
+MAX_TOKENS = 16384
+
+HELPFULNESS = (1.0, 5.0)
+RANKING = (1.0, 6.0)
+RANKING_MIDPOINT = 3.5
+
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+_INDIVIDUAL = re.compile(
+    r"\[The Begin of Individual Scores\](.*?)\[The End of Individual Scores\]", re.DOTALL)
+_RANKING = re.compile(r"\[The Begin of Ranking Score\](.*?)\[The End of Ranking Score\]",
+                      re.DOTALL)
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+
+
+class Unreadable(ValueError):
+    """A judgement nfb cannot read; the message is the reason (`code:detail`)."""
+
+
+def final_part(text: str) -> str:
+    """The text after the reasoning: after the last `</think>`, or all of it when there is no
+    `</think>` (a template that keeps the reasoning out of the text). A text that opens
+    `<think>` and never closes it stopped while reasoning (usually at --max-tokens)."""
+    if _THINK_CLOSE in text:
+        return text.rsplit(_THINK_CLOSE, 1)[1].strip()
+    if _THINK_OPEN in text:
+        raise Unreadable("unfinished_reasoning:no </think> (raise --max-tokens?)")
+    return text.strip()
+
+
+def _number(raw: object, what: str, bounds: tuple[float, float]) -> float:
+    if isinstance(raw, bool):
+        raise Unreadable(f"not_a_number:{what} {raw!r}")
+    if isinstance(raw, (int, float)):
+        value = float(raw)
+    elif isinstance(raw, str) and _NUMBER.fullmatch(raw.strip()):
+        value = float(raw.strip())
+    else:
+        raise Unreadable(f"not_a_number:{what} {str(raw)[:40]!r}")
+    if not math.isfinite(value) or not bounds[0] <= value <= bounds[1]:
+        raise Unreadable(f"out_of_range:{what} {raw} (not {bounds[0]:g}-{bounds[1]:g})")
+    return value
+
+
+def _boxed(section: str, what: str) -> str:
+    found = _BOXED.findall(section)
+    if len(found) != 1:
+        raise Unreadable(f"bad_{what}:{len(found)} \\boxed{{}} in the {what} block")
+    return found[0]
+
+
+def _from_boxed(text: str) -> tuple[list[str], str | None] | None:
+    """(individual score strings, ranking string or None) from the boxed blocks, or None."""
+    blocks = _INDIVIDUAL.findall(text)
+    if not blocks:
+        return None
+    scores = [s.strip() for s in _boxed(blocks[-1], "scores").split(",")]
+    ranks = _RANKING.findall(text)
+    return scores, (_boxed(ranks[-1], "ranking").strip() if ranks else None)
+
+
+def _from_json(text: str) -> tuple[list[object], object | None] | None:
+    """(individual scores, ranking or None) from the last JSON object holding score_1."""
+    decoder = json.JSONDecoder()
+    start, tries = text.rfind("{"), 0
+    while start != -1 and tries < 500:   # bounded: a long code answer has many braces
+        tries += 1
+        try:
+            obj, _ = decoder.raw_decode(text, start)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and "score_1" in obj:
+            scores = [obj["score_1"]] + ([obj["score_2"]] if "score_2" in obj else [])
+            return scores, obj.get("ranking")
+        start = text.rfind("{", 0, start)
+    return None
+
+
+@dataclass(frozen=True)
+class Judgement:
+    helpfulness: tuple[float, ...]    # one per judged response
+    ranking: float | None             # two responses: 1-6
+
+
+def parse_judgement(text: str | None, responses: int) -> Judgement:
+    """The scores in one generated text, for `responses` (1 or 2) judged responses.
+
+    Raises Unreadable with the reason when the text holds no readable scores."""
+    if not text or not text.strip():
+        raise Unreadable("empty:the model wrote nothing")
+    final = final_part(text)
+    got = _from_boxed(final) or _from_json(final)
+    if got is None:
+        raise Unreadable("no_scores:no [The Begin of Individual Scores] block or score JSON "
+                         "after the reasoning")
+    raw_scores, raw_rank = got
+    if len(raw_scores) != responses:
+        raise Unreadable(f"wrong_count:{len(raw_scores)} score(s) for {responses} response(s)")
+    names = ["helpfulness"] if responses == 1 else ["helpfulness_1", "helpfulness_2"]
+    scores = tuple(_number(s, n, HELPFULNESS) for s, n in zip(raw_scores, names))
+    ranking = None
+    if responses == 2:
+        if raw_rank is None:
+            raise Unreadable("no_ranking:two responses but no ranking score")
+        ranking = _number(raw_rank, "ranking", RANKING)
+    return Judgement(scores, ranking)
+
+
+def preferred(ranking: float | None) -> int | None:
+    """1 or 2: the response the ranking prefers; None for no ranking or exactly the midpoint."""
+    if ranking is None or ranking == RANKING_MIDPOINT:
+        return None
+    return 1 if ranking < RANKING_MIDPOINT else 2
+
+
+@dataclass(frozen=True)
+class JudgeColumns:
+    """Names and types of the columns the judge task adds (before --prefix)."""
+
+    responses: int = 1     # 1: one response judged; 2: two responses and their ranking
+    samples: int = 1
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        return ("helpfulness",) if self.responses == 1 else (
+            "helpfulness_1", "helpfulness_2", "ranking")
+
+    def schema(self, prefix: str = "") -> pa.Schema:
+        fields = [pa.field(prefix + s, pa.float64()) for s in self.scores]
+        if self.responses == 2:
+            fields.append(pa.field(prefix + "preferred", pa.int8()))
+        fields += [pa.field(prefix + "judgement", pa.string()),
+                   pa.field(prefix + "judge_error", pa.string())]
+        if self.samples > 1:
+            fields += [pa.field(prefix + "judge_votes", pa.int16()),
+                       pa.field(prefix + "judgements", pa.list_(pa.string()))]
+            fields += [pa.field(prefix + s + "_samples", pa.list_(pa.float64()))
+                       for s in self.scores]
+        return pa.schema(fields)
+
+    def empty(self) -> dict:
+        return dict.fromkeys(self.schema().names)
+
+    def values(self, texts: list[str]) -> dict:
+        """Column values of one row from its generated texts (one per sample)."""
+        per_sample: list[dict | None] = []
+        reasons: list[str] = []
+        for text in texts:
+            try:
+                j = parse_judgement(text, self.responses)
+            except Unreadable as e:
+                per_sample.append(None)
+                reasons.append(str(e))
+                continue
+            values = list(j.helpfulness) + ([j.ranking] if self.responses == 2 else [])
+            per_sample.append(dict(zip(self.scores, values)))
+        parsed = [s for s in per_sample if s is not None]
+        out = self.empty()
+        for name in self.scores:
+            out[name] = fmean(s[name] for s in parsed) if parsed else None
+        if self.responses == 2:
+            out["preferred"] = preferred(out["ranking"])
+        out["judgement"] = _shown(texts[0])
+        if not parsed:
+            out["judge_error"] = reasons[0] if len(texts) == 1 else (
+                f"{reasons[0].split(':', 1)[0]}:no sample of {len(texts)} readable; first: "
+                f"{reasons[0]}")
+        if self.samples > 1:
+            out["judge_votes"] = len(parsed)
+            out["judgements"] = [_shown(t) for t in texts]
+            for name in self.scores:
+                out[name + "_samples"] = [s[name] if s else None for s in per_sample]
+        return out
+
+
+def _shown(text: str) -> str:
+    """What `judgement` keeps: the text after the reasoning (the analysis and the scores), or
+    the whole text when the reasoning never closed (so the user can see why)."""
+    try:
+        return final_part(text)
+    except Unreadable:
+        return text
+
+
+def judge_messages(conv: Conversation, responses: tuple[str, ...]) -> list[dict[str, str]]:
+    """The conversation so far, then each judged response in its own role (response_1, ...)."""
+    return [*conv.context,
+            *({"role": f"response_{i}", "content": r} for i, r in enumerate(responses, 1))]
+
+
+class JudgeTask:
+    """`nfb judge`: a GenRM reasons about one response (helpfulness 1-5) or two (each one's
+    helpfulness and a 1-6 ranking), then writes its scores; nfb reads them."""
+
+    name = "judge"
+    runner = "generate"
+
+    def __init__(self, sampling: SamplingConfig, responses: int = 1, recipe=None,
+                 context_limit: int | None = None):
+        if responses not in (1, 2):
+            raise ValueError("a GenRM judges one response or two")
+        self.sampling = sampling
+        self.responses = responses
+        self.recipe = recipe          # nfb.models.recipes.Recipe, when the model is known
+        self.context_limit = context_limit
+        self.columns = JudgeColumns(responses, sampling.samples)
+
+    def schema(self, prefix: str) -> pa.Schema:
+        return self.columns.schema(prefix)
+
+    def prompts(self, conv: Conversation) -> list[Prompt]:
+        judged = conv.alternatives or (conv.response,)
+        assert len(judged) == self.responses
+        return [Prompt(messages=judge_messages(conv, judged), add_generation_prompt=True)]
+
+    def prompt_budget(self, max_model_len: int) -> int:
+        budget = max_model_len - self.sampling.max_tokens
+        return min(budget, self.context_limit) if self.context_limit else budget
+
+    def parse(self, outputs: list[list[str]]) -> dict:
+        return self.columns.values(outputs[0])
+
+    def empty_values(self) -> dict:
+        return self.columns.empty()
+
+    def settings(self) -> dict:
+        out = {"responses": self.responses, "roles": [f"response_{i}" for i in
+                                                       range(1, self.responses + 1)],
+               "sampling": asdict(self.sampling), "context_limit": self.context_limit,
+               "scales": {"helpfulness": list(HELPFULNESS), "ranking": list(RANKING)},
+               "votes": "mean over the samples that parsed"}
+        if self.recipe is not None:
+            out.update(recipe=self.recipe.name, card=self.recipe.card)
+        return out

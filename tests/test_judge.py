@@ -1,0 +1,344 @@
+"""`nfb judge`: generative reward models (GenRM) that reason, then write their scores.
+
+Parsing is pure (unit and property tests on the formats NVIDIA's GenRMs write); mechanics run
+on a stub engine that answers with chosen judgement texts; truth runs real vLLM on a tiny GenRM
+trained to write the boxed format, compared row by row with transformers generating from the
+same chat template."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+import tiny_models
+from conftest import sample_rows, write_jsonl
+from hypothesis import given
+from hypothesis import strategies as st
+from stub_engine import StubEngine
+
+from nfb.tasks.judge import JudgeColumns, Unreadable, parse_judgement, preferred
+
+GENRM = "nvidia/Llama-3_3-Nemotron-Super-49B-GenRM"
+F32 = ["--dtype", "float32"]
+
+BOXED_2 = ("<think>\nLet me compare. Draft: [The Begin of Individual Scores]\n\\boxed{1, 1}\n"
+           "[The End of Individual Scores]\n</think>\n\n"
+           "[The Begin of Analysis on Response 1]\nCorrect.\n[The End of Analysis on Response 1]\n"
+           "[The Begin of Analysis on Response 2]\nWrong sum.\n[The End of Analysis on Response 2]"
+           "\n\n[The Begin of Individual Scores]\n\\boxed{5, 1}\n[The End of Individual Scores]\n"
+           "\n[The Begin of Ranking Score]\n\\boxed{1} \n[The End of Ranking Score]")
+JSON_2 = ('Reasoning here.</think>\n```json\n{"response_1_analysis": "ok {fine}", '
+          '"response_2_analysis": "bad", "score_1": 2, "score_2": 4, "ranking": 5}\n```')
+
+
+# --- parsing (pure) -------------------------------------------------------------------------
+
+def test_boxed_two_responses_reads_the_blocks_after_the_reasoning():
+    j = parse_judgement(BOXED_2, 2)
+    assert j.helpfulness == (5.0, 1.0) and j.ranking == 1.0   # not the draft in the reasoning
+    assert preferred(j.ranking) == 1
+
+
+def test_json_two_responses_and_single_response_formats():
+    j = parse_judgement(JSON_2, 2)
+    assert j.helpfulness == (2.0, 4.0) and j.ranking == 5.0 and preferred(5.0) == 2
+    one = ("<think>ok</think>\n[The Begin of Individual Scores]\n\\boxed{3} \n"
+           "[The End of Individual Scores]\n")
+    assert parse_judgement(one, 1).helpfulness == (3.0,)
+    assert parse_judgement(one, 1).ranking is None
+    # a template that keeps the reasoning out of the text: the whole text is read
+    assert parse_judgement("[The Begin of Individual Scores]\\boxed{4.5}[The End of "
+                           "Individual Scores]", 1).helpfulness == (4.5,)
+
+
+@pytest.mark.parametrize("text,responses,code", [
+    ("", 1, "empty"),
+    ("<think>still thinking about response 1", 1, "unfinished_reasoning"),
+    ("</think>The response is good.", 1, "no_scores"),
+    (BOXED_2, 1, "wrong_count"),
+    ("</think>[The Begin of Individual Scores]\\boxed{4, 2}[The End of Individual Scores]", 2,
+     "no_ranking"),
+    ("</think>[The Begin of Individual Scores]\\boxed{7}[The End of Individual Scores]", 1,
+     "out_of_range"),
+    ("</think>[The Begin of Individual Scores]\\boxed{good}[The End of Individual Scores]", 1,
+     "not_a_number"),
+    ('</think>{"score_1": true}', 1, "not_a_number"),
+    ('</think>{"score_1": 3, "score_2": 3, "ranking": 0}', 2, "out_of_range"),
+    ("</think>[The Begin of Individual Scores]none[The End of Individual Scores]", 1,
+     "bad_scores"),
+])
+def test_unreadable_judgements_say_why(text, responses, code):
+    with pytest.raises(Unreadable) as e:
+        parse_judgement(text, responses)
+    assert str(e.value).split(":", 1)[0] == code
+
+
+@given(st.integers(1, 5), st.integers(1, 5), st.integers(1, 6),
+       st.text(st.characters(blacklist_characters="[]{}<>"), max_size=200))
+def test_card_format_round_trips(x, y, z, reasoning):
+    text = (f"<think>{reasoning}</think>{reasoning}\n"
+            + tiny_models.genrm_target([x, y], z).split("</think>", 1)[1])
+    j = parse_judgement(text, 2)
+    assert j.helpfulness == (x, y) and j.ranking == z
+    assert preferred(z) == (1 if z <= 3 else 2)
+
+
+def test_votes_average_the_samples_that_parse():
+    cols = JudgeColumns(responses=2, samples=3)
+    texts = [BOXED_2, "</think>no scores", JSON_2]
+    v = cols.values(texts)
+    assert v["helpfulness_1"] == 3.5 and v["helpfulness_2"] == 2.5 and v["ranking"] == 3.0
+    assert v["preferred"] == 1 and v["judge_votes"] == 2 and v["judge_error"] is None
+    assert v["helpfulness_1_samples"] == [5.0, None, 2.0]
+    assert v["judgements"][1] == "no scores"
+    none = cols.values(["</think>x", "</think>y", "<think>z"])
+    assert none["ranking"] is None and none["preferred"] is None and none["judge_votes"] == 0
+    assert none["judge_error"].startswith("no_scores:no sample of 3 readable")
+    assert set(v) == set(cols.schema().names) == set(none)
+
+
+# --- mechanics (stub engine) ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def genrm_dir(tmp_path_factory):
+    """A model directory with a GenRM chat template (weights unused by the stub engine)."""
+    out = tiny_models.build_causal_lm(tmp_path_factory.mktemp("judge") / "Llama-3_3-Nemotron-"
+                                      "Super-49B-GenRM")
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = tiny_models.GENRM_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    return out
+
+
+def answering(answers: dict[str, list[str]]):
+    """A stub engine whose judgement for a prompt is the one keyed by a text in the prompt."""
+    class Answering(StubEngine):
+        def generate(self, requests, sampling, can_feed):
+            for key, ids in self._stream(requests, can_feed):
+                prompt = self.tokenizer.decode(ids)
+                hits = [v for k, v in answers.items() if k in prompt]
+                assert len(hits) == 1, prompt
+                yield key, hits[0][:sampling.samples]
+    return Answering
+
+
+def one(score) -> str:
+    return ("<think>hm</think>[The Begin of Individual Scores]\n\\boxed{" + str(score)
+            + "}\n[The End of Individual Scores]")
+
+
+def test_one_response(stub_cli, engines, genrm_dir, tmp_path):
+    rows = sample_rows(4)
+    rows[2]["response"] = None
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    engines("vllm", answering({"number 0": [one(4)], "number 1": ["</think>It is fine."],
+                               "number 3": ['<think>x</think>{"score_1": 2}']}))
+    out = tmp_path / "o.parquet"
+    r = stub_cli("judge", path, "-o", out, "--model", genrm_dir, "--max-tokens", "512")
+    assert r.exit_code == 0, r.output
+    assert "recipe llama-3.3-nemotron-super-49b-genrm" in r.output
+    assert "judgements unreadable" in r.output
+    t = pq.read_table(out)
+    got = t.to_pylist()
+    assert [x["helpfulness"] for x in got] == [4.0, None, None, 2.0]
+    assert got[1]["judge_error"].startswith("no_scores:") and got[1]["nfb_error"] is None
+    assert got[1]["judgement"] == "It is fine."
+    assert got[2]["nfb_error"] == "null_field:response" and got[2]["judge_error"] is None
+    assert got[0]["judgement"].startswith("[The Begin of Individual Scores]")
+    assert [x["id"] for x in got] == [0, 1, 2, 3]
+    meta = orjson.loads(t.schema.metadata[b"nfb"])
+    assert meta["task"] == "judge"
+    assert meta["task_settings"]["recipe"] == "llama-3.3-nemotron-super-49b-genrm"
+    assert meta["task_settings"]["card"] == "https://huggingface.co/" + GENRM
+    assert meta["task_settings"]["roles"] == ["response_1"]
+    assert meta["summary"]["unreadable"] == 1
+
+
+def test_two_responses_with_votes(stub_cli, engines, genrm_dir, tmp_path):
+    rows = [{"prompt": f"Question {i}?", "a": f"Answer A{i}.", "b": f"Answer B{i}."}
+            for i in range(3)]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    engines("vllm", answering({"A0.": [BOXED_2, JSON_2, "</think>none"],
+                               "A1.": [JSON_2] * 3,
+                               "A2.": ["<think>cut", "<think>cut", "<think>cut"]}))
+    out = tmp_path / "o.parquet"
+    r = stub_cli("judge", path, "-o", out, "--model", genrm_dir, "--response-field", "a",
+                 "--response-field", "b", "--samples", "3", "--max-tokens", "512")
+    assert r.exit_code == 0, r.output
+    got = pq.read_table(out).to_pylist()
+    assert (got[0]["helpfulness_1"], got[0]["helpfulness_2"], got[0]["ranking"]) == \
+        (3.5, 2.5, 3.0)
+    assert got[0]["judge_votes"] == 2 and got[0]["preferred"] == 1
+    assert got[1]["ranking"] == 5.0 and got[1]["preferred"] == 2 and got[1]["judge_votes"] == 3
+    assert got[2]["ranking"] is None and got[2]["judge_error"].startswith("unfinished_reasoning")
+    assert got[2]["judgements"] == ["<think>cut"] * 3
+
+
+def test_judged_prompt_is_the_models_own_template(genrm_dir):
+    """What the model sees: the conversation, then response_1 (and response_2), through the
+    model's chat template with a generation prompt."""
+    from transformers import AutoTokenizer
+
+    from nfb.config import SamplingConfig
+    from nfb.prompts import render
+    from nfb.records import Conversation
+    from nfb.tasks.judge import JudgeTask
+
+    tok = AutoTokenizer.from_pretrained(genrm_dir)
+    conv = Conversation(({"role": "user", "content": "Q?"},), "A1", ("A1", "A2"))
+    [prompt] = JudgeTask(SamplingConfig(), responses=2).prompts(conv)
+    expected = tok.apply_chat_template(
+        [{"role": "user", "content": "Q?"}, {"role": "response_1", "content": "A1"},
+         {"role": "response_2", "content": "A2"}], add_generation_prompt=True, return_dict=False)
+    assert render(tok, [prompt]) == [expected]
+    text = tok.decode(expected)
+    assert "[The Begin of Response 2]\nA2\n[The End of Response 2]" in text
+
+
+# --- what does not fit exits 2 before loading -----------------------------------------------
+
+@pytest.fixture
+def no_engine(engines):
+    def refuse(*_a, **_k):
+        raise AssertionError("the engine was started")
+    engines("vllm", refuse)
+
+
+@pytest.fixture(scope="module")
+def plain_template_dir(tmp_path_factory):
+    out = tiny_models.build_causal_lm(tmp_path_factory.mktemp("judge") / "plain")
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}{% if m['role'] in ['user', 'assistant'] %}"
+                            "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endif %}{% endfor %}")
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    return out
+
+
+@pytest.mark.parametrize("model,args,match", [
+    ("genrm", ["--recipe", "qwen3-nemotron-235b-a22b-genrm"], "two responses at once"),
+    ("genrm", ["--recipe", "qwen3-nemotron-32b-genrm-principle"], "not yet supported"),
+    ("genrm", ["--recipe", "llama-3.3-nemotron-70b-reward"], "nfb score"),
+    ("genrm", ["--recipe", "llama-3.3-nemotron-70b-feedback"], "nfb feedback"),
+    ("genrm", ["--recipe", "nope"], "unknown"),
+    ("genrm", ["--response-field", "a", "--response-field", "b", "--response-field", "c"],
+     "one response or two"),
+    ("genrm", ["--response-field", "a", "--response-field", "b", "--messages-field", "m"],
+     "--messages-field"),
+    ("genrm", ["--responses-field", "r"], "No such option"),
+    ("genrm", ["--max-tokens", "4096"], "no room for a prompt"),
+    ("plain", [], "drops the judged response"),
+])
+def test_what_does_not_fit_exits_2(stub_cli, no_engine, genrm_dir, plain_template_dir,
+                                   tmp_path, model, args, match):
+    path = write_jsonl(tmp_path / "in.jsonl", sample_rows(2))
+    m = genrm_dir if model == "genrm" else plain_template_dir
+    r = stub_cli("judge", path, "-o", tmp_path / "o.parquet", "--model", m, "--max-tokens", "512",
+                 *args)
+    assert r.exit_code == 2, r.output
+    assert match in r.output
+
+
+def test_other_verbs_send_a_genrm_to_judge(stub_cli, no_engine, genrm_dir, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", sample_rows(2))
+    r = stub_cli("score", path, "-o", tmp_path / "o.parquet", "--model", genrm_dir)
+    assert r.exit_code == 2 and "nfb judge" in r.output, r.output
+    r = stub_cli("feedback", path, "-o", tmp_path / "o.parquet", "--model", GENRM)
+    assert r.exit_code == 2 and "nfb judge" in r.output, r.output
+
+
+# --- truth: real vLLM against transformers --------------------------------------------------
+
+ROWS = sample_rows(6)
+SECOND = "No idea."
+
+
+def _conversations():
+    convs = []
+    for i, r in enumerate(ROWS):
+        ctx = [{"role": "user", "content": r["prompt"]}]
+        first = {"role": "response_1", "content": r["response"]}
+        convs.append(([*ctx, first], tiny_models.genrm_target([i % 5 + 1], None)))
+        convs.append(([*ctx, first, {"role": "response_2", "content": SECOND}],
+                      tiny_models.genrm_target([i % 5 + 1, 2], i % 6 + 1)))
+    return convs
+
+
+@pytest.fixture(scope="module")
+def trained_genrm(tmp_path_factory):
+    return tiny_models.build_genrm(tmp_path_factory.mktemp("judge") / "genrm", _conversations(),
+                                   GENRM)
+
+
+def _transformers_texts(model_dir, conversations, max_new_tokens):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    texts = []
+    for messages, _ in conversations:
+        enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                      return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        texts.append(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+def test_judge_equals_transformers(cli, trained_genrm, tmp_path):
+    convs = _conversations()
+    expected = _transformers_texts(trained_genrm, convs, 120)
+    assert expected == [t for _, t in convs]   # the tiny GenRM writes the card's format
+    rows = [{**r, "second": SECOND} for r in ROWS]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    greedy = ["--temperature", "0", "--max-tokens", "120", *F32]
+
+    out1 = tmp_path / "one.parquet"
+    r = cli("judge", path, "-o", out1, "--model", trained_genrm, *greedy)
+    assert r.exit_code == 0, r.output
+    got = pq.read_table(out1).to_pylist()
+    for i, row in enumerate(got):
+        hf = expected[2 * i]
+        assert row["judgement"] == hf.split("</think>")[1].strip()
+        assert row["helpfulness"] == parse_judgement(hf, 1).helpfulness[0] == i % 5 + 1
+        assert row["judge_error"] is None
+
+    out2 = tmp_path / "two.parquet"
+    r = cli("judge", path, "-o", out2, "--model", trained_genrm, "--response-field",
+            "response", "--response-field", "second", *greedy)
+    assert r.exit_code == 0, r.output
+    for i, row in enumerate(pq.read_table(out2).to_pylist()):
+        j = parse_judgement(expected[2 * i + 1], 2)
+        assert (row["helpfulness_1"], row["helpfulness_2"], row["ranking"]) == \
+            (*j.helpfulness, j.ranking) == (i % 5 + 1, 2, i % 6 + 1)
+        assert row["preferred"] == (1 if i % 6 + 1 <= 3 else 2)
+
+    # cut off while reasoning: a null score and the reason, never a guess
+    out3 = tmp_path / "cut.parquet"
+    r = cli("judge", path, "-o", out3, "--model", trained_genrm, "--temperature", "0",
+            "--max-tokens", "4", *F32)
+    assert r.exit_code == 0, r.output
+    for row in pq.read_table(out3).to_pylist():
+        assert row["helpfulness"] is None and row["nfb_error"] is None
+        assert row["judge_error"].startswith("unfinished_reasoning:")
+
+
+def test_recipe_flag_runs_a_model_as_the_pairwise_genrm(cli, trained_genrm, tmp_path):
+    """--recipe: the model runs as the 235B recipe says (two responses only; its context
+    limit and card in the provenance)."""
+    rows = [{**r, "second": SECOND} for r in ROWS[:2]]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "o.parquet"
+    r = cli("judge", path, "-o", out, "--model", trained_genrm, "--recipe",
+            "nvidia/Qwen3-Nemotron-235B-A22B-GenRM", "--response-field", "response",
+            "--response-field", "second", "--temperature", "0", "--max-tokens", "120", *F32)
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out)
+    assert [x["ranking"] for x in t.to_pylist()] == [1.0, 2.0]
+    meta = orjson.loads(t.schema.metadata[b"nfb"])
+    assert meta["task_settings"]["recipe"] == "qwen3-nemotron-235b-a22b-genrm"
+    assert meta["task_settings"]["context_limit"] == 131072

@@ -82,11 +82,13 @@ def merge_outputs(files: list[str], output: str) -> int:
     for f in files:
         if row_col not in schema_names(f):
             raise MergeError(f"{f} has no {row_col} column")
-    summary = {"rows": 0, "error_rows": 0, "errors": Counter(), "levels": Counter()}
+    summary = {"rows": 0, "error_rows": 0, "errors": Counter(), "levels": Counter(),
+               "unreadable": 0}
     for f in files:
         s = metadata(f).get("summary") or {}
         summary["rows"] += s.get("rows", 0)
         summary["error_rows"] += s.get("error_rows", 0)
+        summary["unreadable"] += s.get("unreadable", 0)
         summary["errors"].update(s.get("errors", {}))
         summary["levels"].update(s.get("levels", {}))
     out_meta = dict(meta, shard=None, fingerprint=meta["settings_fingerprint"],

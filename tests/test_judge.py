@@ -342,3 +342,28 @@ def test_recipe_flag_runs_a_model_as_the_pairwise_genrm(cli, trained_genrm, tmp_
     meta = orjson.loads(t.schema.metadata[b"nfb"])
     assert meta["task_settings"]["recipe"] == "qwen3-nemotron-235b-a22b-genrm"
     assert meta["task_settings"]["context_limit"] == 131072
+
+
+def test_shards_merge_and_resume(stub_cli, engines, genrm_dir, tmp_path):
+    """Judged shards merge into one output whose summary counts the unreadable judgements; a
+    finished command run again does nothing."""
+    rows = sample_rows(6)
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    engines("vllm", answering({f"number {i}": [one(i % 5 + 1) if i % 3 else "</think>?"]
+                               for i in range(6)}))
+    parts = []
+    for k in range(2):
+        parts.append(tmp_path / f"part{k}.parquet")
+        r = stub_cli("judge", path, "-o", parts[-1], "--model", genrm_dir, "--max-tokens",
+                     "512", "--shard", f"{k}/2")
+        assert r.exit_code == 0, r.output
+    again = stub_cli("judge", path, "-o", parts[0], "--model", genrm_dir, "--max-tokens",
+                     "512", "--shard", "0/2")
+    assert again.exit_code == 0 and "already complete" in again.output
+    merged = tmp_path / "all.parquet"
+    r = stub_cli("merge", *parts, "-o", merged)
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(merged)
+    assert t.column("id").to_pylist() == list(range(6))
+    assert t.column("helpfulness").to_pylist() == [None, 2.0, 3.0, None, 5.0, 1.0]
+    assert orjson.loads(t.schema.metadata[b"nfb"])["summary"]["unreadable"] == 2

@@ -154,6 +154,20 @@ def _check_context(cfg: RunConfig, max_tokens: int) -> None:
                          f"{ctx}-token context: lower it, or raise --max-model-len")
 
 
+def _sampling(engine: str, **kw) -> SamplingConfig:
+    """How a generative task samples; an impossible value exits 2 before loading."""
+    if not 0 < kw["top_p"] <= 1:
+        raise UsageError("--top-p must be in (0, 1]")
+    if kw["temperature"] < 0:
+        raise UsageError("--temperature must be 0 or more")
+    if kw["samples"] < 1 or kw["max_tokens"] < 1:
+        raise UsageError("--samples and --max-tokens must be at least 1")
+    if engine == "ray" and kw["samples"] > 1:
+        raise UsageError("--samples > 1 is not available with --engine ray: Ray Data LLM "
+                         "returns one sample per request")
+    return SamplingConfig(**kw)
+
+
 def feedback(
     inputs: str | Sequence[str], output: str, *,
     model: str = DEFAULT_MODEL, revision: str | None = None,
@@ -175,18 +189,9 @@ def feedback(
     `feedback_level` (1-5), `feedback_label`; with samples > 1 also the per-sample lists and
     the mean level. Resumes an interrupted run with the same settings."""
     log = log or (lambda _m: None)
-    if top_p <= 0 or top_p > 1:
-        raise UsageError("--top-p must be in (0, 1]")
-    if temperature < 0:
-        raise UsageError("--temperature must be 0 or more")
-    if samples < 1 or max_tokens < 1:
-        raise UsageError("--samples and --max-tokens must be at least 1")
-    if engine == "ray" and samples > 1:
-        raise UsageError("--samples > 1 is not available with --engine ray: Ray Data LLM "
-                         "returns one sample per request")
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                              seed=seed, samples=samples,
-                              regex=CONSTRAINED_REGEX if constrain_level else None)
+    sampling = _sampling(engine, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                         seed=seed, samples=samples,
+                         regex=CONSTRAINED_REGEX if constrain_level else None)
     cfg = _run_config(
         inputs, output, model=model, revision=revision, prompt_field=prompt_field,
         response_field=response_field, responses_field=responses_field,
@@ -200,25 +205,19 @@ def feedback(
         engine_restarts=engine_restarts, stall_timeout=stall_timeout,
         enable_prefix_caching=True if samples > 1 else None, log=log)
     _check_context(cfg, max_tokens)
-    task = FeedbackTask(sampling, recipe=_feedback_recipe(model, cfg.engine.model, log))
+    task = FeedbackTask(sampling, recipe=_recipe("feedback", model, cfg.engine.model, None, log))
     return run(cfg, for_fields(task, cfg), progress=progress, log=log)
 
 
-def _feedback_recipe(name: str, model_dir: str, log: Callable[[str], None]):
-    """The feedback model's recipe (recorded in the provenance); a reward model is refused."""
-    from nfb.models.recipes import find_recipe
+def _recipe(verb: str, name: str, model_dir: str, recipe: str | None,
+            log: Callable[[str], None]):
+    """The model's recipe for `nfb VERB` (recorded in the provenance), or None."""
+    from nfb.tasks.build import resolve_recipe
 
-    recipe, how = find_recipe(model_dir if os.path.isdir(model_dir) else name)
-    if recipe is None:
-        return None
-    if recipe.task == "judge":
-        raise UsageError(f"{recipe.hub_id} is a generative reward model ({recipe.card}); run "
-                         "it with `nfb judge`")
-    if recipe.task != "feedback":
-        raise UsageError(f"{recipe.hub_id} is a reward model ({recipe.card}); score it with "
-                         "`nfb score`")
-    log(f"recipe {recipe.name} ({how}): {recipe.card}")
-    return recipe
+    found, how = resolve_recipe(model_dir if os.path.isdir(model_dir) else name, recipe, verb)
+    if found is not None:
+        log(f"recipe {found.name} ({how}): {found.card}")
+    return found
 
 
 def judge(
@@ -254,15 +253,8 @@ def judge(
     if len(names) > 2:
         raise UsageError("a GenRM judges one response or two: give --response-field once or "
                          "twice")
-    if top_p <= 0 or top_p > 1:
-        raise UsageError("--top-p must be in (0, 1]")
-    if temperature < 0:
-        raise UsageError("--temperature must be 0 or more")
-    if samples < 1 or max_tokens < 1:
-        raise UsageError("--samples and --max-tokens must be at least 1")
-    if engine == "ray" and samples > 1:
-        raise UsageError("--samples > 1 is not available with --engine ray: Ray Data LLM "
-                         "returns one sample per request")
+    sampling = _sampling(engine, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                         seed=seed, samples=samples)
     cfg = _run_config(
         inputs, output, model=model, revision=revision, prompt_field=prompt_field,
         response_field=names, messages_field=messages_field, limit=limit,
@@ -278,8 +270,6 @@ def judge(
     found = _judge_recipe(model, cfg.engine.model, recipe, len(names), log)
     _check_context(cfg, max_tokens)
     _check_judge_template(cfg.engine.model, revision, trust_remote_code, len(names))
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                              seed=seed, samples=samples)
     task = JudgeTask(sampling, responses=len(names), recipe=found,
                      context_limit=found.context_limit if found else None)
     return run(cfg, task, progress=progress, log=log)
@@ -287,32 +277,17 @@ def judge(
 
 def _judge_recipe(name: str, model_dir: str, recipe: str | None, responses: int,
                   log: Callable[[str], None]):
-    """The GenRM's recipe, or None (generic path); a model of another kind is refused."""
-    from nfb.models.recipes import RECIPES, find_recipe
-
-    try:
-        found, how = find_recipe(model_dir if os.path.isdir(model_dir) else name, recipe)
-    except KeyError:
-        raise UsageError(f"--recipe {recipe!r}: unknown; known recipes: "
-                         f"{', '.join(r.name for r in RECIPES)} (see `nfb models`)") from None
+    """The GenRM's recipe, or None (generic path); it must judge this many responses."""
+    found = _recipe("judge", name, model_dir, recipe, log)
     if found is None:
         log(f"note: no nfb recipe for {name}: generic path (its chat template must know the "
             "roles response_1 and response_2); `nfb models` lists the GenRMs nfb knows")
-        return None
-    if not found.supported:
-        raise UsageError(f"{found.hub_id} is known but not yet supported by nfb: {found.note} "
-                         f"(card: {found.card})")
-    if found.task != "judge":
-        verb = "nfb feedback" if found.task == "feedback" else "nfb score"
-        raise UsageError(f"{found.hub_id} is not a generative reward model: use `{verb}` "
-                         f"(card: {found.card})")
-    if responses not in found.responses:
+    elif responses not in found.responses:
         raise UsageError(
             f"{found.hub_id} judges two responses at once: name them with --response-field A "
             f"--response-field B (card: {found.card})" if found.responses == (2,) else
             f"{found.hub_id} judges {' or '.join(map(str, found.responses))} response(s), "
             f"not {responses} (card: {found.card})")
-    log(f"recipe {found.name} ({how}): {found.card}")
     return found
 
 

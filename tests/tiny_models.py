@@ -31,21 +31,22 @@ _CORPUS = (
 )
 
 
-def build_tokenizer(out: Path):
+def build_tokenizer(out: Path, corpus: str = _CORPUS, vocab_size: int = 512,
+                    chat_template: str = CHAT_TEMPLATE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
+    tok.train_from_iterator([corpus] * 20, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
         pad_token="<|pad|>")
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(out)
     return fast
 
@@ -217,21 +218,10 @@ def build_genrm(out: Path, conversations: list[tuple[list[dict], str]],
     roles user/assistant/response_1/response_2; the target text). Real vLLM then produces
     parseable judgements, so `nfb judge` is checked end to end against transformers."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM
 
     out = Path(out)
-    tok_model = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tok_model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok_model.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=640, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok_model.train_from_iterator([_CORPUS + _GENRM_CORPUS] * 20, trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tok_model, bos_token="<|begin_of_text|>",
-                                  eos_token="<|eot_id|>", pad_token="<|pad|>")
-    tok.chat_template = GENRM_TEMPLATE
-    tok.save_pretrained(out)
+    tok = build_tokenizer(out, _CORPUS + _GENRM_CORPUS, 640, GENRM_TEMPLATE)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_config(tok))
     seqs = []

@@ -23,8 +23,17 @@ from nfb.tasks.reward import (
 PROMPT_FORMATS = ("chat", "steerlm")
 
 
-def resolve_recipe(model: str, recipe: str | None):
-    """(Recipe or None, how it was found); a bad --recipe or an unsupported model: exit 2."""
+# which verb runs a recipe's task, and what kind of model that is
+VERBS = {"score": "score", "principle": "score", "feedback": "feedback", "judge": "judge"}
+_KINDS = {"score": "a reward model", "feedback": "a feedback model",
+          "judge": "a generative reward model (it reasons, then writes its scores)"}
+
+
+def resolve_recipe(model: str, recipe: str | None, verb: str = "score"):
+    """(Recipe or None, how it was found) for `nfb VERB --model MODEL [--recipe NAME]`.
+
+    Exit 2 for an unknown --recipe, a known but unsupported model, or a model another verb
+    runs (a GenRM given to `nfb score`: the message names `nfb judge`)."""
     from nfb.models.recipes import RECIPES, find_recipe
 
     try:
@@ -37,12 +46,10 @@ def resolve_recipe(model: str, recipe: str | None):
     if not found.supported:
         raise UsageError(f"{found.hub_id} is known but not yet supported by nfb: {found.note} "
                          f"(card: {found.card})")
-    if found.task == "feedback":
-        raise UsageError(f"{found.hub_id} is a feedback model: use `nfb feedback --model "
-                         f"{model}` (card: {found.card})")
-    if found.task == "judge":
-        raise UsageError(f"{found.hub_id} is a generative reward model (it reasons, then writes "
-                         f"its scores): use `nfb judge --model {model}` (card: {found.card})")
+    runs = VERBS[found.task]
+    if runs != verb:
+        raise UsageError(f"{found.hub_id} is {_KINDS[runs]}: use `nfb {runs} --model {model}` "
+                         f"(card: {found.card})")
     return found, how
 
 

@@ -25,6 +25,7 @@ from nfb.merge import merge  # noqa: F401
 from nfb.pipeline import Progress, RunResult, run
 from nfb.stats import stats  # noqa: F401
 from nfb.tasks.feedback import CONSTRAINED_REGEX, DEFAULT_MODEL, FeedbackTask
+from nfb.tasks.judge import DEFAULT_MODEL as JUDGE_MODEL
 from nfb.tasks.judge import MAX_TOKENS as JUDGE_MAX_TOKENS
 from nfb.tasks.judge import TEMPERATURE as JUDGE_TEMPERATURE
 from nfb.tasks.judge import TOP_P as JUDGE_TOP_P
@@ -222,7 +223,7 @@ def _recipe(verb: str, name: str, model_dir: str, recipe: str | None,
 
 def judge(
     inputs: str | Sequence[str], output: str, *,
-    model: str = "nvidia/Llama-3_3-Nemotron-Super-49B-GenRM", recipe: str | None = None,
+    model: str = JUDGE_MODEL, recipe: str | None = None,
     revision: str | None = None,
     prompt_field: str = "prompt", response_field: str | Sequence[str] | None = "response",
     messages_field: str | None = None,
@@ -270,7 +271,7 @@ def judge(
     found = _judge_recipe(model, cfg.engine.model, recipe, len(names), log)
     _check_context(cfg, max_tokens)
     _check_judge_template(cfg.engine.model, revision, trust_remote_code, len(names))
-    task = JudgeTask(sampling, responses=len(names), recipe=found,
+    task = JudgeTask(sampling, fields=tuple(names), recipe=found,
                      context_limit=found.context_limit if found else None)
     return run(cfg, task, progress=progress, log=log)
 
@@ -293,30 +294,23 @@ def _judge_recipe(name: str, model_dir: str, recipe: str | None, responses: int,
 
 def _check_judge_template(model: str, revision: str | None, trust_remote_code: bool,
                           responses: int) -> None:
-    """Before loading: the model's chat template must render the response roles (a GenRM's
-    template does; another model's drops them or fails, which would judge nothing)."""
+    """Before loading, for a local model: its chat template must render the response roles
+    (a GenRM's does; another model's drops them or fails, which would judge nothing). A hub
+    id's template is checked once the engine has its tokenizer (JudgeTask.check_tokenizer)."""
     if not os.path.isdir(model):
-        return  # a hub id: the tokenizer comes with the engine
+        return
     from transformers import AutoTokenizer
+
+    from nfb.tasks.judge import check_template
 
     try:
         tok = AutoTokenizer.from_pretrained(model, revision=revision,
                                             trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - the engine reports an unreadable tokenizer itself
         return
-    marks = [f"nfb-probe-response-{i}" for i in range(1, responses + 1)]
-    probe = [{"role": "user", "content": "nfb-probe-prompt"},
-             *({"role": f"response_{i}", "content": m} for i, m in enumerate(marks, 1))]
-    try:
-        text = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # noqa: BLE001 - a template that refuses the roles
-        raise UsageError(f"{model}: its chat template cannot render the roles response_1/"
-                         f"response_2 that a GenRM reads ({' '.join(str(e).split())[:160]}): "
-                         "is this a generative reward model?") from None
-    missing = [m for m in marks if m not in text]
-    if missing:
-        raise UsageError(f"{model}: its chat template drops the judged response(s) in the "
-                         "roles response_1/response_2: is this a generative reward model?")
+    why = check_template(tok, responses)
+    if why:
+        raise UsageError(f"{model}: {why}: is this a generative reward model?")
 
 
 def score(

@@ -50,7 +50,7 @@ class RunResult:
     resumed_rows: int = 0             # rows found done in the work directory
     errors: Counter = field(default_factory=Counter)   # error code -> rows
     levels: Counter = field(default_factory=Counter)   # feedback level -> rows
-    unreadable: int = 0               # judge: judgements whose scores could not be read
+    unreadable: int = 0               # judge: rows with no readable judgement (judge_error)
     seconds: float = 0.0              # wall time of this invocation
     load_seconds: float = 0.0         # of which: starting the engine (loading the model)
     already_done: bool = False
@@ -469,6 +469,9 @@ def _stream_rows(cfg: RunConfig, task: Task, engine: Engine, collector: Collecto
         raise UsageError(
             f"the model allows {engine.max_model_len} tokens in all, which leaves no room "
             f"for a prompt: lower --max-tokens or raise --max-model-len")
+    check = getattr(task, "check_tokenizer", None)
+    if check is not None:   # e.g. a GenRM's chat template must render the judged responses
+        check(engine.tokenizer)
     window = max(1, cfg.engine.max_in_flight)
     max_held = 8 * window + cfg.batch_rows
     feeder = Feeder(cfg, task, engine.tokenizer, done, budget)
@@ -593,6 +596,8 @@ class Feeder:
                 conv, err = to_conversation(d, cfg.fields)
             if err is None and row_fields:
                 err = task.check_row(d)
+            if err is None and hasattr(task, "check_conversation"):
+                err = task.check_conversation(conv)
             if err is not None:
                 failed.append((j, err))
                 continue

@@ -120,8 +120,13 @@ def print_summary(console: Console, result: RunResult, task: str) -> None:
     for code, n in result.errors.most_common():
         t.add_row(f"  {code}", f"{n:,}")
     if task == "judge":
-        t.add_row("judgements unreadable", f"{result.unreadable:,}")
+        t.add_row("rows with no readable judgement", f"{result.unreadable:,}")
     console.print(t)
+    judged = result.rows - result.error_rows
+    if task == "judge" and judged and result.unreadable * 2 > judged:
+        console.print(f"[yellow]warning:[/] {result.unreadable:,} of {judged:,} judged rows have "
+                      "no readable judgement (see judge_error): is --max-tokens too low for the "
+                      "reasoning, or is the model not a GenRM?")
     if task == "feedback" and (result.levels or result.rows):
         from nfb.tasks.feedback import LABELS
         scored = result.rows - result.error_rows

@@ -7,14 +7,16 @@ same chat template."""
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 
 import orjson
 import pyarrow.parquet as pq
 import pytest
 import tiny_models
 from conftest import sample_rows, write_jsonl
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from stub_engine import StubEngine
 
@@ -53,6 +55,29 @@ def test_json_two_responses_and_single_response_formats():
                            "Individual Scores]", 1).helpfulness == (4.5,)
 
 
+def test_a_reasoning_model_cut_off_before_its_answer_is_never_read():
+    """A GenRM whose template opens <think> itself writes no <think>; cut off at --max-tokens
+    its text has no </think> either, and a draft in the reasoning must not pass for scores."""
+    cut = 'Let me think. Draft: {"score_1": 5, "score_2": 1, "ranking": 1}. But wait, response'
+    with pytest.raises(Unreadable, match="^unfinished_reasoning"):
+        parse_judgement(cut, 2, reasons=True)
+    assert parse_judgement(cut, 2).ranking == 1.0   # an unknown model without think tags
+
+
+def test_the_ranking_belongs_to_the_last_scores_block():
+    revised = ("</think>[The Begin of Individual Scores]\\boxed{1, 5}[The End of Individual "
+               "Scores][The Begin of Ranking Score]\\boxed{6}[The End of Ranking Score] On "
+               "second thought: [The Begin of Individual Scores]\\boxed{5, 1}[The End of "
+               "Individual Scores]")
+    with pytest.raises(Unreadable, match="^no_ranking"):
+        parse_judgement(revised, 2)
+    one_box_each = ("</think>[The Begin of Individual Scores]\\boxed{4}, \\boxed{2}[The End "
+                    "of Individual Scores][The Begin of Ranking Score]\\boxed{2}[The End of "
+                    "Ranking Score]")
+    j = parse_judgement(one_box_each, 2)
+    assert j.helpfulness == (4.0, 2.0) and j.ranking == 2.0
+
+
 @pytest.mark.parametrize("text,responses,code", [
     ("", 1, "empty"),
     ("<think>still thinking about response 1", 1, "unfinished_reasoning"),
@@ -75,10 +100,12 @@ def test_unreadable_judgements_say_why(text, responses, code):
     assert str(e.value).split(":", 1)[0] == code
 
 
-@given(st.integers(1, 5), st.integers(1, 5), st.integers(1, 6),
-       st.text(st.characters(blacklist_characters="[]{}<>"), max_size=200))
-def test_card_format_round_trips(x, y, z, reasoning):
-    text = (f"<think>{reasoning}</think>{reasoning}\n"
+@given(st.integers(1, 5), st.integers(1, 5), st.integers(1, 6), st.text(max_size=200),
+       st.text(st.characters(blacklist_characters="["), max_size=200))
+def test_card_format_round_trips(x, y, z, reasoning, analysis):
+    """Any reasoning (braces, drafts, tags) and any analysis without block markers."""
+    assume("</think>" not in reasoning)
+    text = (f"<think>{reasoning}</think>{analysis}\n"
             + tiny_models.genrm_target([x, y], z).split("</think>", 1)[1])
     j = parse_judgement(text, 2)
     assert j.helpfulness == (x, y) and j.ranking == z
@@ -87,12 +114,13 @@ def test_card_format_round_trips(x, y, z, reasoning):
 
 def test_votes_average_the_samples_that_parse():
     cols = JudgeColumns(responses=2, samples=3)
-    texts = [BOXED_2, "</think>no scores", JSON_2]
+    texts = ["</think>no scores", BOXED_2, JSON_2]
     v = cols.values(texts)
     assert v["helpfulness_1"] == 3.5 and v["helpfulness_2"] == 2.5 and v["ranking"] == 3.0
     assert v["preferred"] == 1 and v["judge_votes"] == 2 and v["judge_error"] is None
-    assert v["helpfulness_1_samples"] == [5.0, None, 2.0]
-    assert v["judgements"][1] == "no scores"
+    assert v["helpfulness_1_samples"] == [None, 5.0, 2.0]
+    assert v["judgements"][0] == "no scores"
+    assert v["judgement"] == BOXED_2.split("</think>")[1].strip()   # a sample that counted
     none = cols.values(["</think>x", "</think>y", "<think>z"])
     assert none["ranking"] is None and none["preferred"] is None and none["judge_votes"] == 0
     assert none["judge_error"].startswith("no_scores:no sample of 3 readable")
@@ -140,7 +168,11 @@ def test_one_response(stub_cli, engines, genrm_dir, tmp_path):
     r = stub_cli("judge", path, "-o", out, "--model", genrm_dir, "--max-tokens", "512")
     assert r.exit_code == 0, r.output
     assert "recipe llama-3.3-nemotron-super-49b-genrm" in r.output
-    assert "judgements unreadable" in r.output
+    [line] = [x for x in r.output.splitlines() if "rows with no readable judgement" in x]
+    assert re.findall(r"\d+", line) == ["1"]
+    strict = stub_cli("judge", path, "-o", tmp_path / "s.parquet", "--model", genrm_dir,
+                      "--max-tokens", "512", "--strict")
+    assert strict.exit_code == 3, strict.output
     t = pq.read_table(out)
     got = t.to_pylist()
     assert [x["helpfulness"] for x in got] == [4.0, None, None, 2.0]
@@ -153,7 +185,7 @@ def test_one_response(stub_cli, engines, genrm_dir, tmp_path):
     assert meta["task"] == "judge"
     assert meta["task_settings"]["recipe"] == "llama-3.3-nemotron-super-49b-genrm"
     assert meta["task_settings"]["card"] == "https://huggingface.co/" + GENRM
-    assert meta["task_settings"]["roles"] == ["response_1"]
+    assert meta["task_settings"]["responses"] == {"response_1": "response"}
     assert meta["summary"]["unreadable"] == 1
 
 
@@ -161,7 +193,7 @@ def test_two_responses_with_votes(stub_cli, engines, genrm_dir, tmp_path):
     rows = [{"prompt": f"Question {i}?", "a": f"Answer A{i}.", "b": f"Answer B{i}."}
             for i in range(3)]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
-    engines("vllm", answering({"A0.": [BOXED_2, JSON_2, "</think>none"],
+    engines("vllm", answering({"A0.": ["</think>none", BOXED_2, JSON_2],
                                "A1.": [JSON_2] * 3,
                                "A2.": ["<think>cut", "<think>cut", "<think>cut"]}))
     out = tmp_path / "o.parquet"
@@ -172,6 +204,7 @@ def test_two_responses_with_votes(stub_cli, engines, genrm_dir, tmp_path):
     assert (got[0]["helpfulness_1"], got[0]["helpfulness_2"], got[0]["ranking"]) == \
         (3.5, 2.5, 3.0)
     assert got[0]["judge_votes"] == 2 and got[0]["preferred"] == 1
+    assert got[0]["judgement"].startswith("[The Begin of Analysis on Response 1]")
     assert got[1]["ranking"] == 5.0 and got[1]["preferred"] == 2 and got[1]["judge_votes"] == 3
     assert got[2]["ranking"] is None and got[2]["judge_error"].startswith("unfinished_reasoning")
     assert got[2]["judgements"] == ["<think>cut"] * 3
@@ -189,7 +222,7 @@ def test_judged_prompt_is_the_models_own_template(genrm_dir):
 
     tok = AutoTokenizer.from_pretrained(genrm_dir)
     conv = Conversation(({"role": "user", "content": "Q?"},), "A1", ("A1", "A2"))
-    [prompt] = JudgeTask(SamplingConfig(), responses=2).prompts(conv)
+    [prompt] = JudgeTask(SamplingConfig(), fields=("a", "b")).prompts(conv)
     expected = tok.apply_chat_template(
         [{"role": "user", "content": "Q?"}, {"role": "response_1", "content": "A1"},
          {"role": "response_2", "content": "A2"}], add_generation_prompt=True, return_dict=False)
@@ -360,6 +393,19 @@ def test_shards_merge_and_resume(stub_cli, engines, genrm_dir, tmp_path):
     again = stub_cli("judge", path, "-o", parts[0], "--model", genrm_dir, "--max-tokens",
                      "512", "--shard", "0/2")
     assert again.exit_code == 0 and "already complete" in again.output
+    # killed half way, then resumed: the rows from the checkpoint count in the summary too
+    judged = {f"number {i}": [one(i % 5 + 1) if i % 3 else "</think>?"] for i in range(6)}
+    engines("vllm", functools.partial(answering(judged), die_after=3))
+    whole = tmp_path / "whole.parquet"
+    args = ["judge", path, "-o", whole, "--model", genrm_dir, "--max-tokens", "512",
+            "--batch-rows", "2", "--max-in-flight", "1", "--checkpoint-every", "0"]
+    assert stub_cli(*args).exit_code == 1
+    assert list((tmp_path / "whole.parquet.nfb").glob("part-*.parquet"))
+    engines("vllm", answering(judged))
+    r = stub_cli(*args)
+    assert r.exit_code == 0 and "rows from checkpoint" in r.output, r.output
+    assert orjson.loads(pq.read_table(whole).schema.metadata[b"nfb"])["summary"][
+        "unreadable"] == 2
     merged = tmp_path / "all.parquet"
     r = stub_cli("merge", *parts, "-o", merged)
     assert r.exit_code == 0, r.output
@@ -367,3 +413,34 @@ def test_shards_merge_and_resume(stub_cli, engines, genrm_dir, tmp_path):
     assert t.column("id").to_pylist() == list(range(6))
     assert t.column("helpfulness").to_pylist() == [None, 2.0, 3.0, None, 5.0, 1.0]
     assert orjson.loads(t.schema.metadata[b"nfb"])["summary"]["unreadable"] == 2
+
+
+def test_history_must_end_with_the_users_request(stub_cli, engines, genrm_dir, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "number 0"}]},
+            {"messages": [{"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello"},
+                          {"role": "assistant", "content": "number 1"}]}]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    engines("vllm", answering({"number 0": [one(5)], "number 1": [one(1)]}))
+    out = tmp_path / "o.parquet"
+    r = stub_cli("judge", path, "-o", out, "--model", genrm_dir, "--max-tokens", "512",
+                 "--messages-field", "messages")
+    assert r.exit_code == 0, r.output
+    got = pq.read_table(out).to_pylist()
+    assert got[0]["helpfulness"] == 5.0 and got[0]["nfb_error"] is None
+    assert got[1]["nfb_error"].startswith("bad_messages:the turn before the judged response")
+
+
+def test_template_checked_on_the_engines_tokenizer(stub_cli, engines, plain_template_dir,
+                                                  tmp_path, monkeypatch):
+    """A hub id's template is only known once the engine has its tokenizer: checked there."""
+    import nfb.api
+
+    monkeypatch.setattr(nfb.api, "_check_judge_template", lambda *a: None)
+    engines("vllm", answering({}))
+    path = write_jsonl(tmp_path / "in.jsonl", sample_rows(2))
+    out = tmp_path / "o.parquet"
+    r = stub_cli("judge", path, "-o", out, "--model", plain_template_dir, "--max-tokens", "512")
+    assert r.exit_code == 2 and "drops the judged response" in r.output, r.output
+    assert not out.exists()

@@ -1,4 +1,5 @@
-"""feedback and score: flags -> `nfb.api.feedback/score` -> summary and exit code."""
+"""feedback, score and judge: flags -> `nfb.api.feedback/score/judge` -> summary and exit
+code."""
 
 from typing import Annotated, Optional
 
@@ -6,6 +7,7 @@ import typer
 
 from nfb.cli.app import app, err, handle, with_options
 from nfb.errors import EXIT_ROW_ERRORS
+from nfb.tasks import judge as genrm
 
 _IN, _MODEL, _ENGINE, _OUT, _SAMPLING, _REWARD = (
     "Input", "Model", "Engine", "Output", "Sampling", "Reward")
@@ -70,7 +72,7 @@ OUTPUT_OPTIONS = {
     "overwrite": (_opt(bool, "Replace an existing output and discard an unfinished run's "
                        "checkpoint.", _OUT), False),
     "strict": (_opt(bool, "Exit 3 (instead of 0) when the run finished but some rows have "
-                    "nfb_error.", _OUT), False),
+                    "nfb_error (judge: or no readable judgement).", _OUT), False),
     "checkpoint_every": (_opt(float, "Seconds between checkpoints at most (also one per 50,000 "
                               "rows).", _OUT, min=0.0), 30.0),
     "quiet": (_opt(bool, "No progress bar or summary.", _OUT, "--quiet", "-q"), False),
@@ -102,7 +104,7 @@ def _run(call, task: str, options: dict) -> None:
     result = call(**options, progress=RichProgress(err, enabled=not quiet), log=log)
     if not quiet:
         print_summary(err, result, task)
-    if strict and result.error_rows:
+    if strict and (result.error_rows or result.unreadable):
         raise typer.Exit(EXIT_ROW_ERRORS)
 
 
@@ -195,17 +197,17 @@ def judge(
     inputs: Inputs,
     output: Output,
     model: _opt(str, "Generative reward model (GenRM): hub id or local directory (see `nfb "
-                "models`).", _MODEL) = "nvidia/Llama-3_3-Nemotron-Super-49B-GenRM",
+                "models`).", _MODEL) = genrm.DEFAULT_MODEL,
     recipe: _opt(Optional[str], "Run the model as a known GenRM recipe says (a name from `nfb "
                  "models`, or its hub id), e.g. for a local copy nfb cannot recognise.",
                  _MODEL) = None,
     samples: _opt(int, "Judgements per row; the scores are averaged over the ones that parse "
                   "(voting).", _SAMPLING, min=1) = 1,
-    temperature: _opt(float, "Sampling temperature (0: greedy).", _SAMPLING,
-                      min=0.0) = 0.6,
-    top_p: _opt(float, "Nucleus sampling mass.", _SAMPLING, min=0.0, max=1.0) = 0.95,
+    temperature: _opt(float, "Sampling temperature (0: greedy); NVIDIA's GenRM setting.",
+                      _SAMPLING, min=0.0) = genrm.TEMPERATURE,
+    top_p: _opt(float, "Nucleus sampling mass.", _SAMPLING, min=0.0, max=1.0) = genrm.TOP_P,
     max_tokens: _opt(int, "Most tokens generated per judgement (reasoning included).",
-                     _SAMPLING, min=1) = 16384,
+                     _SAMPLING, min=1) = genrm.MAX_TOKENS,
     seed: _opt(Optional[int], "Seed every request: the same row gives the same judgement, "
                "resumed or not.", _SAMPLING) = None,
     **options,

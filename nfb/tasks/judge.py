@@ -34,8 +34,11 @@ from statistics import fmean
 import pyarrow as pa
 
 from nfb.config import SamplingConfig
+from nfb.errors import UsageError
 from nfb.prompts import Prompt
 from nfb.records import Conversation
+
+DEFAULT_MODEL = "nvidia/Llama-3_3-Nemotron-Super-49B-GenRM"
 
 # Sampling NVIDIA uses for its GenRMs (NeMo Gym configs/genrm_compare.yaml:
 # temperature 0.6, top_p 0.95, max_output_tokens 16384)
@@ -60,14 +63,18 @@ class Unreadable(ValueError):
     """A judgement nfb cannot read; the message is the reason (`code:detail`)."""
 
 
-def final_part(text: str) -> str:
-    """The text after the reasoning: after the last `</think>`, or all of it when there is no
-    `</think>` (a template that keeps the reasoning out of the text). A text that opens
-    `<think>` and never closes it stopped while reasoning (usually at --max-tokens)."""
+def final_part(text: str, reasons: bool = False) -> str:
+    """The text after the reasoning: after the last `</think>`.
+
+    A text that opens `<think>` and never closes it stopped while reasoning (usually at
+    --max-tokens); so did any text without `</think>` from a model that always reasons
+    (`reasons`: every GenRM nfb knows; its template may open `<think>` itself, so the text
+    need not hold it). Reading such a text would take a draft in the reasoning for the
+    scores. Only an unknown model's text without any think tag is read whole."""
     if _THINK_CLOSE in text:
         return text.rsplit(_THINK_CLOSE, 1)[1].strip()
-    if _THINK_OPEN in text:
-        raise Unreadable("unfinished_reasoning:no </think> (raise --max-tokens?)")
+    if reasons or _THINK_OPEN in text:
+        raise Unreadable("unfinished_reasoning:no </think> (cut off at --max-tokens?)")
     return text.strip()
 
 
@@ -85,21 +92,31 @@ def _number(raw: object, what: str, bounds: tuple[float, float]) -> float:
     return value
 
 
-def _boxed(section: str, what: str) -> str:
+def _boxed(section: str, what: str) -> list[str]:
+    """The values in a block: `\\boxed{x, y}`, or one `\\boxed{}` a value."""
     found = _BOXED.findall(section)
-    if len(found) != 1:
-        raise Unreadable(f"bad_{what}:{len(found)} \\boxed{{}} in the {what} block")
-    return found[0]
+    if len(found) == 1:
+        return [v.strip() for v in found[0].split(",")]
+    if len(found) > 1 and all("," not in f for f in found):
+        return [f.strip() for f in found]
+    raise Unreadable(f"bad_{what}:{len(found)} \\boxed{{}} in the {what} block")
 
 
 def _from_boxed(text: str) -> tuple[list[str], str | None] | None:
-    """(individual score strings, ranking string or None) from the boxed blocks, or None."""
-    blocks = _INDIVIDUAL.findall(text)
+    """(individual score strings, ranking string or None) from the last Individual Scores
+    block and the Ranking Score block after it, or None."""
+    blocks = list(_INDIVIDUAL.finditer(text))
     if not blocks:
         return None
-    scores = [s.strip() for s in _boxed(blocks[-1], "scores").split(",")]
-    ranks = _RANKING.findall(text)
-    return scores, (_boxed(ranks[-1], "ranking").strip() if ranks else None)
+    last = blocks[-1]
+    scores = _boxed(last.group(1), "scores")
+    ranks = _RANKING.findall(text, last.end())
+    if not ranks:
+        return scores, None
+    rank = _boxed(ranks[-1], "ranking")
+    if len(rank) != 1:
+        raise Unreadable(f"bad_ranking:{len(rank)} values in the ranking block")
+    return scores, rank[0]
 
 
 def _from_json(text: str) -> tuple[list[object], object | None] | None:
@@ -125,13 +142,14 @@ class Judgement:
     ranking: float | None             # two responses: 1-6
 
 
-def parse_judgement(text: str | None, responses: int) -> Judgement:
-    """The scores in one generated text, for `responses` (1 or 2) judged responses.
+def parse_judgement(text: str | None, responses: int, reasons: bool = False) -> Judgement:
+    """The scores in one generated text, for `responses` (1 or 2) judged responses
+    (`reasons`: the model always reasons first, see `final_part`).
 
     Raises Unreadable with the reason when the text holds no readable scores."""
     if not text or not text.strip():
         raise Unreadable("empty:the model wrote nothing")
-    final = final_part(text)
+    final = final_part(text, reasons)
     got = _from_boxed(final) or _from_json(final)
     if got is None:
         raise Unreadable("no_scores:no [The Begin of Individual Scores] block or score JSON "
@@ -162,6 +180,7 @@ class JudgeColumns:
 
     responses: int = 1     # 1: one response judged; 2: two responses and their ranking
     samples: int = 1
+    reasons: bool = False  # the model always reasons first (every GenRM nfb knows)
 
     @property
     def scores(self) -> tuple[str, ...]:
@@ -190,7 +209,7 @@ class JudgeColumns:
         reasons: list[str] = []
         for text in texts:
             try:
-                j = parse_judgement(text, self.responses)
+                j = parse_judgement(text, self.responses, self.reasons)
             except Unreadable as e:
                 per_sample.append(None)
                 reasons.append(str(e))
@@ -203,7 +222,9 @@ class JudgeColumns:
             out[name] = fmean(s[name] for s in parsed) if parsed else None
         if self.responses == 2:
             out["preferred"] = preferred(out["ranking"])
-        out["judgement"] = _shown(texts[0])
+        # the judgement behind the scores: the first sample that parsed
+        shown = next((t for t, p in zip(texts, per_sample) if p is not None), texts[0])
+        out["judgement"] = _shown(shown)
         if not parsed:
             out["judge_error"] = reasons[0] if len(texts) == 1 else (
                 f"{reasons[0].split(':', 1)[0]}:no sample of {len(texts)} readable; first: "
@@ -231,29 +252,65 @@ def judge_messages(conv: Conversation, responses: tuple[str, ...]) -> list[dict[
             *({"role": f"response_{i}", "content": r} for i, r in enumerate(responses, 1))]
 
 
+def check_template(tokenizer, responses: int) -> str | None:
+    """Why this tokenizer's chat template cannot serve a GenRM (None when it can): it must
+    render the judged responses in the roles response_1 (and response_2)."""
+    marks = [f"nfb-probe-response-{i}" for i in range(1, responses + 1)]
+    probe = [{"role": "user", "content": "nfb-probe-prompt"},
+             *({"role": f"response_{i}", "content": m} for i, m in enumerate(marks, 1))]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - a template that refuses the roles, or none at all
+        return (f"its chat template cannot render the roles response_1/response_2 that a GenRM "
+                f"reads ({' '.join(str(e).split())[:160]})")
+    if any(m not in text for m in marks):
+        return "its chat template drops the judged response(s) in the roles response_1/response_2"
+    return None
+
+
+PARSER_VERSION = 1   # in the fingerprint: a resumed run never mixes two ways of reading
+
+
 class JudgeTask:
     """`nfb judge`: a GenRM reasons about one response (helpfulness 1-5) or two (each one's
-    helpfulness and a 1-6 ranking), then writes its scores; nfb reads them."""
+    helpfulness and a 1-6 ranking), then writes its scores; nfb reads them.
+
+    `fields` names the input fields judged (recorded as the roles they fill)."""
 
     name = "judge"
     runner = "generate"
 
-    def __init__(self, sampling: SamplingConfig, responses: int = 1, recipe=None,
-                 context_limit: int | None = None):
-        if responses not in (1, 2):
-            raise ValueError("a GenRM judges one response or two")
+    def __init__(self, sampling: SamplingConfig, fields: tuple[str, ...] = ("response",),
+                 recipe=None, context_limit: int | None = None):
+        if len(fields) not in (1, 2):
+            raise UsageError("a GenRM judges one response or two: give --response-field once "
+                             "or twice")
         self.sampling = sampling
-        self.responses = responses
+        self.fields = tuple(fields)
+        self.responses = len(fields)
         self.recipe = recipe          # nfb.models.recipes.Recipe, when the model is known
         self.context_limit = context_limit
-        self.columns = JudgeColumns(responses, sampling.samples)
+        # every GenRM nfb knows reasons first: a text without </think> was cut off
+        self.columns = JudgeColumns(self.responses, sampling.samples, reasons=recipe is not None)
 
     def schema(self, prefix: str) -> pa.Schema:
         return self.columns.schema(prefix)
 
+    def check_conversation(self, conv: Conversation) -> str | None:
+        """A GenRM reads a history whose last turn is the user's request."""
+        if not conv.context or conv.context[-1].get("role") != "user":
+            return "bad_messages:the turn before the judged response is not from the user"
+        return None
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Once the engine's tokenizer is known (hub ids too): a template that cannot show
+        the judged responses would judge nothing, so the run stops (exit 2)."""
+        why = check_template(tokenizer, self.responses)
+        if why:
+            raise UsageError(f"{why}: is this a generative reward model?")
+
     def prompts(self, conv: Conversation) -> list[Prompt]:
         judged = conv.alternatives or (conv.response,)
-        assert len(judged) == self.responses
         return [Prompt(messages=judge_messages(conv, judged), add_generation_prompt=True)]
 
     def prompt_budget(self, max_model_len: int) -> int:
@@ -267,11 +324,11 @@ class JudgeTask:
         return self.columns.empty()
 
     def settings(self) -> dict:
-        out = {"responses": self.responses, "roles": [f"response_{i}" for i in
-                                                       range(1, self.responses + 1)],
+        out = {"responses": {f"response_{i}": f for i, f in enumerate(self.fields, 1)},
                "sampling": asdict(self.sampling), "context_limit": self.context_limit,
                "scales": {"helpfulness": list(HELPFULNESS), "ranking": list(RANKING)},
-               "votes": "mean over the samples that parsed"}
+               "votes": "mean over the samples that parsed", "parser": PARSER_VERSION,
+               "needs_reasoning": self.columns.reasons}
         if self.recipe is not None:
             out.update(recipe=self.recipe.name, card=self.recipe.card)
         return out

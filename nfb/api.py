@@ -114,8 +114,7 @@ def _fields(prompt_field: str, response_field: str | Sequence[str] | None,
     """Which input fields hold the conversation: one response, several named ones, or a list."""
     from nfb.records import FieldMap
 
-    names = [response_field] if isinstance(response_field, str) else list(response_field or [])
-    names = names or ["response"]
+    names = _response_names(response_field)
     if len(set(names)) != len(names):
         raise UsageError("--response-field names a field twice")
     if responses_field and (len(names) > 1 or names != ["response"]):
@@ -128,6 +127,12 @@ def _fields(prompt_field: str, response_field: str | Sequence[str] | None,
     if len(names) > 1:
         return FieldMap(prompt_field, names[0], None, tuple(names), None)
     return FieldMap(prompt_field, names[0], messages_field)
+
+
+def _response_names(response_field: str | Sequence[str] | None) -> list[str]:
+    """--response-field as a list of field names (default: response)."""
+    names = [response_field] if isinstance(response_field, str) else list(response_field or [])
+    return names or ["response"]
 
 
 def for_fields(task, cfg: RunConfig):
@@ -249,8 +254,7 @@ def judge(
     from nfb.tasks.judge import JudgeTask
 
     log = log or (lambda _m: None)
-    names = [response_field] if isinstance(response_field, str) else list(response_field or [])
-    names = names or ["response"]
+    names = _response_names(response_field)
     if len(names) > 2:
         raise UsageError("a GenRM judges one response or two: give --response-field once or "
                          "twice")
@@ -297,16 +301,11 @@ def _check_judge_template(model: str, revision: str | None, trust_remote_code: b
     """Before loading, for a local model: its chat template must render the response roles
     (a GenRM's does; another model's drops them or fails, which would judge nothing). A hub
     id's template is checked once the engine has its tokenizer (JudgeTask.check_tokenizer)."""
-    if not os.path.isdir(model):
-        return
-    from transformers import AutoTokenizer
-
+    from nfb.modelinfo import read_tokenizer
     from nfb.tasks.judge import check_template
 
-    try:
-        tok = AutoTokenizer.from_pretrained(model, revision=revision,
-                                            trust_remote_code=trust_remote_code)
-    except Exception:  # noqa: BLE001 - the engine reports an unreadable tokenizer itself
+    tok = read_tokenizer(model, revision, trust_remote_code) if os.path.isdir(model) else None
+    if tok is None:
         return
     why = check_template(tok, responses)
     if why:

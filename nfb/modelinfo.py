@@ -67,6 +67,18 @@ def read_config_json(model: str) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
+def read_tokenizer(model: str, revision: str | None, trust_remote_code: bool):
+    """The model's tokenizer for a check before loading, or None when it cannot be read
+    (the engine then reports that itself, with its own words)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(os.path.expanduser(model), revision=revision,
+                                             trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - transformers raises many kinds here
+        return None
+
+
 def read_nfb_key(model: str) -> dict | None:
     """The `nfb` key that `nfb convert` writes into a converted model's config.json."""
     value = read_config_json(model).get("nfb")

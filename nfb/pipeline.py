@@ -177,16 +177,20 @@ class Collector:
             if e is not None:
                 self.result.errors[error_code(e)] += 1
         for v in p.values:
-            for key, level in v.items():
-                if key.endswith("judge_error") and level is not None:
+            for key, value in v.items():
+                if key == "judge_error" and value is not None:
                     self.result.unreadable += 1
-                if not key.endswith("feedback_level") or level is None:
-                    continue
-                if isinstance(level, list):   # one level per response (a list field)
-                    self.result.levels.update(x for x in level if x is not None)
-                else:
-                    self.result.levels[level] += 1
+                elif key.endswith("feedback_level"):
+                    _tally_levels(self.result.levels, value)
         return t
+
+
+def _tally_levels(levels: Counter, value) -> None:
+    """Count a feedback level, or each level of a list column (one per response)."""
+    if isinstance(value, list):
+        levels.update(x for x in value if x is not None)
+    elif value is not None:
+        levels[value] += 1
 
 
 # --- signals --------------------------------------------------------------------------------
@@ -358,10 +362,7 @@ def _restore_counts(wd: WorkDir, prefix: str, result: RunResult) -> None:
                 result.errors[error_code(e)] += 1
         for name in levels:   # one column per response field, or a list column
             for lv in t.column(name).to_pylist():
-                if isinstance(lv, list):
-                    result.levels.update(x for x in lv if x is not None)
-                elif lv is not None:
-                    result.levels[lv] += 1
+                _tally_levels(result.levels, lv)
 
 
 def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
@@ -587,6 +588,7 @@ class Feeder:
         table = chunk.table if len(idx) == len(rows) else chunk.table.take(pa.array(idx))
         p = _Pending(table, rows[idx])
         row_fields = tuple(getattr(task, "row_fields", ()))   # e.g. a per-row principle
+        check_conversation = getattr(task, "check_conversation", None)   # e.g. judge's
         dicts = _row_dicts(chunk, idx, cfg.fields.needed + row_fields)
         failed: list[tuple[int, str]] = []
         prompts, owners = [], []
@@ -596,8 +598,8 @@ class Feeder:
                 conv, err = to_conversation(d, cfg.fields)
             if err is None and row_fields:
                 err = task.check_row(d)
-            if err is None and hasattr(task, "check_conversation"):
-                err = task.check_conversation(conv)
+            if err is None and check_conversation is not None:
+                err = check_conversation(conv)
             if err is not None:
                 failed.append((j, err))
                 continue

@@ -52,12 +52,20 @@ class FieldMap:
 _MISSING = object()
 
 
+def _absent(row_value: object, name: str) -> str | None:
+    """The error code of a field that is missing or null, else None."""
+    if row_value is _MISSING:
+        return f"missing_field:{name}"
+    if row_value is None:
+        return f"null_field:{name}"
+    return None
+
+
 def _text(row_value: object, name: str) -> tuple[str | None, str | None]:
     """(value, None) for a usable string field, else (None, error code)."""
-    if row_value is _MISSING:
-        return None, f"missing_field:{name}"
-    if row_value is None:
-        return None, f"null_field:{name}"
+    err = _absent(row_value, name)
+    if err:
+        return None, err
     if not isinstance(row_value, str):
         return None, f"bad_type:{name}"
     if not row_value.strip():
@@ -65,11 +73,15 @@ def _text(row_value: object, name: str) -> tuple[str | None, str | None]:
     return row_value, None
 
 
+def field_error(row: dict, name: str) -> str | None:
+    """Why row[name] is not a usable string (missing, null, not a string, blank), or None."""
+    return _text(row.get(name, _MISSING), name)[1]
+
+
 def _from_messages(value: object, name: str) -> tuple[Conversation | None, str | None]:
-    if value is _MISSING:
-        return None, f"missing_field:{name}"
-    if value is None:
-        return None, f"null_field:{name}"
+    err = _absent(value, name)
+    if err:
+        return None, err
     if not isinstance(value, (list, tuple)):
         return None, f"bad_messages:{name} is not a list"
     if not value:
@@ -108,10 +120,9 @@ def to_conversation(row: dict, fields: FieldMap) -> tuple[Conversation | None, s
     if fields.responses_list:
         name = fields.responses_list
         value = row.get(name, _MISSING)
-        if value is _MISSING:
-            return None, f"missing_field:{name}"
-        if value is None:
-            return None, f"null_field:{name}"
+        err = _absent(value, name)
+        if err:
+            return None, err
         if not isinstance(value, (list, tuple)):
             return None, f"bad_type:{name}"
         if not value:
@@ -132,4 +143,4 @@ def to_conversation(row: dict, fields: FieldMap) -> tuple[Conversation | None, s
     response, err = _text(row.get(fields.response, _MISSING), fields.response)
     if err:
         return None, err
-    return Conversation(({"role": "user", "content": prompt},), response), None
+    return Conversation(context, response), None

@@ -26,6 +26,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+from nfb.tasks.reward import STEERLM_ATTRIBUTES
+
 HF = "https://huggingface.co/"
 
 
@@ -57,6 +59,9 @@ class Recipe:
 
 PRINCIPLE_QUESTION = ("Evaluate the response to the previous prompt in terms of whether it "
                       "satisfies this principle: {principle}. Only answer Yes or No.")
+
+_STEERLM_COLUMNS = (*STEERLM_ATTRIBUTES, "reward")
+_GENRM_COLUMNS = ("helpfulness", "helpfulness_1", "helpfulness_2", "ranking", "preferred")
 
 _GENRM_NOTE = ("`nfb judge`: the conversation, then the response(s) in the roles response_1 and "
                "response_2, rendered by the model's own chat template; it reasons, then writes "
@@ -102,15 +107,13 @@ RECIPES: tuple[Recipe, ...] = (
            "trained on conversations up to 8K (not enforced)"),
     Recipe("llama3-70b-steerlm-rm", "nvidia/Llama3-70B-SteerLM-RM",
            "score", "steerlm", "classifier",
-           ("quality", "toxicity", "humor", "creativity", "helpfulness", "correctness",
-            "coherence", "complexity", "verbosity", "reward"),
+           _STEERLM_COLUMNS,
            weights="llama3-70b-steerlm",
            note="a NeMo checkpoint: run `nfb convert` first; 9 heads, SteerLM prompt, reward = "
            "the card's weights (preset llama3-70b-steerlm)"),
     Recipe("nemotron-4-340b-reward", "nvidia/Nemotron-4-340B-Reward",
            "score", "steerlm", "classifier",
-           ("quality", "toxicity", "humor", "creativity", "helpfulness", "correctness",
-            "coherence", "complexity", "verbosity", "reward"),
+           _STEERLM_COLUMNS,
            weights="nemotron-4-340b",
            note="a NeMo checkpoint whose architecture (LayerNorm1p, squared ReLU, partial RoPE) "
            "`nfb convert` refuses for now; a Hugging Face copy in SteerLM format with 9 heads "
@@ -120,12 +123,12 @@ RECIPES: tuple[Recipe, ...] = (
            note="`nfb feedback` (its default model)"),
     Recipe("llama-3.3-nemotron-super-49b-genrm", "nvidia/Llama-3_3-Nemotron-Super-49B-GenRM",
            "judge", "chat", "generate",
-           ("helpfulness", "helpfulness_1", "helpfulness_2", "ranking", "preferred"),
+           _GENRM_COLUMNS,
            responses=(1, 2), note=_GENRM_NOTE),
     Recipe("llama-3.3-nemotron-super-49b-genrm-multilingual",
            "nvidia/Llama-3_3-Nemotron-Super-49B-GenRM-Multilingual",
            "judge", "chat", "generate",
-           ("helpfulness", "helpfulness_1", "helpfulness_2", "ranking", "preferred"),
+           _GENRM_COLUMNS,
            responses=(1, 2), note=_GENRM_NOTE),
     Recipe("qwen3-nemotron-235b-a22b-genrm", "nvidia/Qwen3-Nemotron-235B-A22B-GenRM",
            "judge", "chat", "generate",

@@ -183,14 +183,10 @@ def _principle_task(model, found, *, revision, trust_remote_code, weights, attri
 
 def _check_tokens(model, found, revision, trust_remote_code) -> None:
     """Each token the recipe reads must be one token of the model's vocabulary."""
-    import os
+    from nfb.modelinfo import read_tokenizer
 
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(model), revision=revision,
-                                            trust_remote_code=trust_remote_code)
-    except Exception:  # noqa: BLE001 - the engine reports an unreadable tokenizer itself
+    tok = read_tokenizer(model, revision, trust_remote_code)
+    if tok is None:
         return
     for t in found.tokens:
         i = tok.convert_tokens_to_ids(t)

@@ -29,6 +29,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from statistics import fmean
 
 import pyarrow as pa
@@ -200,8 +201,13 @@ class JudgeColumns:
                        for s in self.scores]
         return pa.schema(fields)
 
+    @cached_property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.schema().names)
+
     def empty(self) -> dict:
-        return dict.fromkeys(self.schema().names)
+        """All columns null (an error row; the start of every row's values)."""
+        return dict.fromkeys(self.names)
 
     def values(self, texts: list[str]) -> dict:
         """Column values of one row from its generated texts (one per sample)."""
@@ -283,8 +289,7 @@ class JudgeTask:
     def __init__(self, sampling: SamplingConfig, fields: tuple[str, ...] = ("response",),
                  recipe=None, context_limit: int | None = None):
         if len(fields) not in (1, 2):
-            raise UsageError("a GenRM judges one response or two: give --response-field once "
-                             "or twice")
+            raise ValueError("a GenRM judges one response or two")
         self.sampling = sampling
         self.fields = tuple(fields)
         self.responses = len(fields)

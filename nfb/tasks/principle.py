@@ -87,19 +87,9 @@ class PrincipleTask:
 
     def check_row(self, row: dict) -> str | None:
         """An error code when the row's principle field is unusable (per-row principles)."""
-        if not self.principle_field:
-            return None
-        name = self.principle_field
-        if name not in row:
-            return f"missing_field:{name}"
-        value = row[name]
-        if value is None:
-            return f"null_field:{name}"
-        if not isinstance(value, str):
-            return f"bad_type:{name}"
-        if not value.strip():
-            return f"empty_field:{name}"
-        return None
+        from nfb.records import field_error
+
+        return field_error(row, self.principle_field) if self.principle_field else None
 
     def prompts(self, conv, row: dict | None = None) -> list[Prompt]:
         if self.principle_field:

@@ -27,6 +27,7 @@ def models(
     """The models nfb knows: each one's recipe (task, prompt format, score, context limit,
     columns) and the model card it comes from. Any other model takes the generic path."""
     from nfb.models.recipes import RECIPES, table
+    from nfb.tasks.build import VERBS
 
     if json_:
         import orjson
@@ -41,9 +42,8 @@ def models(
     for col in ("model", "command", "score", "context", "columns"):
         t.add_column(col, overflow="fold")
     for r in RECIPES:
-        command = {"score": "nfb score", "principle": "nfb score --principle",
-                   "feedback": "nfb feedback", "judge": "nfb judge"}[r.task] \
-            if r.supported else "not yet supported"
+        command = (f"nfb {VERBS[r.task]}" + (" --principle" if r.task == "principle" else "")
+                   if r.supported else "not yet supported")
         score = {"classifier": "head(s), raw", "token_logit": f"logit of token id {r.tokens[0]}"
                  if r.tokens and r.tokens[0].isdigit() else "logit of one token",
                  "yes_minus_no": "logit(Yes) - logit(No)",

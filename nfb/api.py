@@ -21,6 +21,7 @@ from dataclasses import replace
 from nfb.config import EngineConfig, RunConfig, SamplingConfig, Shard
 from nfb.errors import UsageError
 from nfb.filters import filter_rows as filter  # noqa: A001,F401
+from nfb.io.storage import is_url
 from nfb.merge import merge  # noqa: F401
 from nfb.pipeline import Progress, RunResult, run
 from nfb.stats import stats  # noqa: F401
@@ -91,8 +92,11 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
     if engine_restarts and "-" in files:
         raise UsageError("--engine-restarts needs input files: stdin cannot be read again "
                          "after an engine restart")
-    if output != "-" and any(os.path.abspath(f) == os.path.abspath(output) for f in files):
+    if output != "-" and any(_same_path(f, output) for f in files):
         raise UsageError(f"the output {output} is also an input")
+    if is_url(output):
+        from nfb.io.storage import check_output
+        check_output(output)
     engine_cfg = EngineConfig(
         model=model, revision=revision, tensor_parallel_size=tensor_parallel_size,
         max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
@@ -107,6 +111,12 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
         limit=limit, shard=Shard.parse(shard) if isinstance(shard, str) else shard,
         prefix=prefix, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
         batch_rows=batch_rows)
+
+
+def _same_path(a: str, b: str) -> bool:
+    if is_url(a) or is_url(b):
+        return a == b
+    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _fields(prompt_field: str, response_field: str | Sequence[str] | None,

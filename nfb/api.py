@@ -199,6 +199,7 @@ def feedback(
     ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
+    dry_run: bool = False, card: bool = False,
     progress: Progress | None = None, log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Judge each response with a generative feedback model: `feedback` (text),
@@ -222,7 +223,25 @@ def feedback(
         enable_prefix_caching=True if samples > 1 else None, log=log)
     _check_context(cfg, max_tokens)
     task = FeedbackTask(sampling, recipe=_recipe("feedback", model, cfg.engine.model, None, log))
-    return run(cfg, for_fields(task, cfg), progress=progress, log=log)
+    return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log)
+
+
+def _go(cfg: RunConfig, task, dry_run: bool, card: bool, progress: Progress | None,
+        log: Callable[[str], None]):
+    """Run the task (or, with dry_run, plan it: `nfb.dryrun.DryRunResult`, no engine);
+    with card, write the dataset card beside the finished output."""
+    if dry_run:
+        from nfb.dryrun import dry_run as plan
+        return plan(cfg, task, log=log)
+    if card:
+        from nfb.card import check_card
+        check_card(cfg.output)
+    result = run(cfg, task, progress=progress, log=log)
+    if card:
+        from nfb.card import write_card
+        result.card = write_card(cfg.output)
+        log(f"dataset card: {result.card}")
+    return result
 
 
 def _recipe(verb: str, name: str, model_dir: str, recipe: str | None,
@@ -252,6 +271,7 @@ def judge(
     ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
+    dry_run: bool = False, card: bool = False,
     progress: Progress | None = None, log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Judge each row with a generative reward model (GenRM): it reasons, then scores.
@@ -287,7 +307,7 @@ def judge(
     _check_judge_template(cfg.engine.model, revision, trust_remote_code, len(names))
     task = JudgeTask(sampling, fields=tuple(names), recipe=found,
                      context_limit=found.context_limit if found else None)
-    return run(cfg, task, progress=progress, log=log)
+    return _go(cfg, task, dry_run, card, progress, log)
 
 
 def _judge_recipe(name: str, model_dir: str, recipe: str | None, responses: int,
@@ -339,6 +359,7 @@ def score(
     ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
+    dry_run: bool = False, card: bool = False,
     progress: Progress | None = None, log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Score each conversation with a reward model: one float column per head (attribute)
@@ -378,7 +399,7 @@ def score(
     if getattr(task, "principles", None) is not None:
         # every principle of a row repeats the conversation: cache the shared prefix
         cfg = replace(cfg, engine=replace(cfg.engine, enable_prefix_caching=True))
-    return run(cfg, for_fields(task, cfg), progress=progress, log=log)
+    return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log)
 
 
 def __getattr__(name: str):

@@ -55,6 +55,7 @@ class RunResult:
     seconds: float = 0.0              # wall time of this invocation
     load_seconds: float = 0.0         # of which: starting the engine (loading the model)
     already_done: bool = False
+    card: str | None = None           # the dataset card written beside the output (--card)
 
     @property
     def error_rows(self) -> int:

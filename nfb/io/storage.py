@@ -63,9 +63,12 @@ def _env_key() -> tuple:
 def filesystem(url: str):
     """(fsspec filesystem, path within it) for `url`. A scheme whose package is missing,
     or unknown to fsspec, is a UsageError (exit 2)."""
-    import fsspec
-
     proto = scheme(url)
+    try:
+        import fsspec
+    except ImportError:
+        need = _PACKAGES.get(proto, f"fsspec and its package for {proto}://")
+        raise UsageError(f"{url}: reading {proto}:// needs {need}") from None
     try:
         cls = fsspec.get_filesystem_class(proto)
     except ImportError:

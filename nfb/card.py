@@ -102,7 +102,7 @@ def render_card(meta: dict) -> str:
     lines = [
         "---", head.rstrip("\n"), "---", MARK, "",
         f"# {meta['configs'][0]['data_files'][0]['path']}", "",
-        f"Rows scored by [nfb](https://github.com/) with `{nfb['model']}`"
+        f"Rows scored offline by nfb {nfb['version']} with `{nfb['model']}`"
         + (f" (recipe `{nfb['recipe']}`" + (f", [model card]({nfb['model_card']})"
                                              if nfb.get("model_card") else "") + ")"
            if nfb.get("recipe") else "") + f", task `{nfb['task']}`.", "",

@@ -143,8 +143,17 @@ def test_input_prefix_and_output_on_s3_equal_a_local_run(stub_cli, tiny_tokenize
 def test_verbs_read_from_s3(stub_cli, models, s3, tmp_path):
     s3.put("in.jsonl", _jsonl(sample_rows(9)))
     out = f"s3://{s3.name}/scored.parquet"
-    r = stub_cli("score", f"s3://{s3.name}/in.jsonl", "-o", out, "--model", models["rm9"])
+    r = stub_cli("score", f"s3://{s3.name}/in.jsonl", "-o", out, "--model", models["rm9"],
+                 "--dry-run", "--json")
     assert r.exit_code == 0, r.output
+    assert orjson.loads(r.stdout)["requests"] == 9 and s3.keys() == ["in.jsonl"]
+    r = stub_cli("score", f"s3://{s3.name}/in.jsonl", "-o", out, "--model", models["rm9"],
+                 "--card")
+    assert r.exit_code == 0, r.output
+    assert s3.keys() == ["README.md", "in.jsonl", "scored.parquet"]
+    import yaml
+    card = yaml.safe_load(s3.get("README.md").decode().split("\n---\n")[0][4:])
+    assert card["nfb"]["counts"]["rows"] == 9
     local = tmp_path / "scored.parquet"
     local.write_bytes(s3.get("scored.parquet"))
     r_s3, r_local = stub_cli("stats", out, "--json"), stub_cli("stats", local, "--json")

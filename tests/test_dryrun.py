@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import sample_rows, write_jsonl
 from test_bad_input import CASES
+from test_judge import genrm_dir  # noqa: F401 - a fixture
 
 FAST = ["--max-tokens", "8", "--temperature", "0"]
 
@@ -127,3 +128,26 @@ def test_dry_run_table_and_usage(stub_cli, engines, tiny_tokenizer_model, tmp_pa
     r = stub_cli("feedback", src, "-o", tmp_path / "o.parquet", "--model", tiny_tokenizer_model,
                  "--json")
     assert r.exit_code == 2 and "--json goes with --dry-run" in r.output
+
+
+def test_judge_dry_run_counts_equal_a_real_run(stub_cli, engines, genrm_dir,  # noqa: F811
+                                               tmp_path):
+    rows = [{"prompt": f"Question {i}?", "a": f"Answer A{i}.", "b": f"Answer B{i}."}
+            for i in range(6)]
+    rows[1]["b"] = None
+    rows[4]["a"] = "word " * 3000
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    args = ["judge", path, "-o", tmp_path / "o.parquet", "--model", genrm_dir,
+            "--response-field", "a", "--response-field", "b", "--max-tokens", "64"]
+    engines("vllm", _no_engine)
+    r = stub_cli(*args, "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    plan = orjson.loads(r.stdout)
+    from stub_engine import StubEngine
+    engines("vllm", StubEngine)
+    r = stub_cli(*args)
+    assert r.exit_code == 0, r.output
+    errs = pq.read_table(tmp_path / "o.parquet").column("nfb_error").to_pylist()
+    assert plan["errors"] == dict(Counter(e.split(":")[0] for e in errs if e))
+    assert plan["errors"] == {"null_field": 1, "prompt_too_long": 1}
+    assert plan["rows"] == 6 and plan["requests"] == 4 and plan["sequences"] == 4

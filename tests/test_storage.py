@@ -262,3 +262,42 @@ def test_kill_9_then_resume_with_output_on_s3(server, tiny_tokenizer_model, tmp_
     want = pq.read_table(ref)
     assert got.column("nfb_row").to_pylist() == list(range(40))
     assert got.drop_columns([]).to_pylist() == want.to_pylist()
+
+
+def test_connection_dropped_mid_run_saves_rows_and_the_rerun_finishes(
+        stub_cli, engines, tiny_tokenizer_model, s3, tmp_path, monkeypatch):
+    """The store goes away while the input streams (a second server on its own port, stopped
+    by the engine after a few rows): one line, exit 1, rows saved, nothing on the store;
+    with the store back (same data, new port) the same command finishes."""
+    from stub_engine import StubEngine
+
+    pad = "x" * 100_000
+    rows = [{**r, "pad": pad} for r in sample_rows(150)]      # 15 MB: past the read-ahead
+    src = s3.put("big.jsonl", _jsonl(rows))
+    out = f"s3://{s3.name}/out.parquet"
+    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:%d" % srv._server.server_port)
+
+    class Dropping(StubEngine):
+        def generate(self, requests, sampling, can_feed):
+            for i, item in enumerate(super().generate(requests, sampling, can_feed)):
+                if i == 5:
+                    srv.stop()
+                yield item
+
+    engines("vllm", Dropping)
+    args = ["feedback", src, "-o", out, "--model", tiny_tokenizer_model, *FAST,
+            "--batch-rows", "1", "--max-in-flight", "1", "--checkpoint-every", "0"]
+    line = _one_line_error(stub_cli(*args), 1)
+    assert "connection to the store failed" in line and "rows are saved" in line
+    parts = list(s3.cache.rglob("part-*.parquet"))
+    assert parts
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    engines("vllm", StubEngine)
+    r = stub_cli(*args)
+    assert r.exit_code == 0, r.output
+    assert "resuming" in r.output
+    t = pq.read_table(io.BytesIO(s3.get("out.parquet")))
+    assert t.column("nfb_row").to_pylist() == list(range(150))
+    assert t.column("pad").to_pylist() == [pad] * 150

@@ -301,3 +301,15 @@ def test_connection_dropped_mid_run_saves_rows_and_the_rerun_finishes(
     t = pq.read_table(io.BytesIO(s3.get("out.parquet")))
     assert t.column("nfb_row").to_pylist() == list(range(150))
     assert t.column("pad").to_pylist() == [pad] * 150
+
+
+def test_a_scheme_without_its_package_is_a_usage_error(stub_cli, tiny_tokenizer_model,
+                                                       tmp_path):
+    import importlib.util
+
+    r = stub_cli("feedback", "nfbnosuch://b/x.jsonl", "-o", tmp_path / "o.parquet",
+                 "--model", tiny_tokenizer_model)
+    assert "unknown storage scheme nfbnosuch://" in _one_line_error(r, 2)
+    if importlib.util.find_spec("gcsfs") is None:
+        r = stub_cli("stats", "gs://b/x.parquet")
+        assert "needs gcsfs" in _one_line_error(r, 2)

@@ -25,6 +25,7 @@ import orjson
 import pyarrow as pa
 
 from nfb.errors import InputError
+from nfb.io import storage
 from nfb.io.arrow import JSON, is_json_field, json_default, json_text, rows_to_table
 from nfb.io.base import STDIN, Chunk
 
@@ -86,6 +87,8 @@ class Stream:
     def _raw(self):
         if self.path == STDIN:
             return sys.stdin.buffer
+        if storage.is_url(self.path):
+            return storage.open_input(self.path)   # streamed from the store
         try:
             return open(self.path, "rb")
         except OSError as e:

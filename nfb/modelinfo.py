@@ -55,13 +55,25 @@ def read_model_info(model: str, revision: str | None, trust_remote_code: bool) -
     return ModelInfo(archs, num, id2label, getattr(text, "max_position_embeddings", None))
 
 
+MAX_CONFIG_JSON = 64 * 2**20  # a config.json past this is not read (a real one is KBs)
+
+
 def read_config_json(model: str) -> dict:
-    """A local model directory's config.json as it is ({} when there is none to read)."""
+    """A local model directory's config.json as it is ({} when there is none to read: missing,
+    not a regular file, over MAX_CONFIG_JSON bytes, or not a JSON object)."""
+    import stat
+
     import orjson
 
+    path = os.path.join(os.path.expanduser(model), "config.json")
     try:
-        with open(os.path.join(os.path.expanduser(model), "config.json"), "rb") as fh:
-            cfg = orjson.loads(fh.read())
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open
+            return {}
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_JSON + 1)
+        if len(data) > MAX_CONFIG_JSON:
+            return {}
+        cfg = orjson.loads(data)
     except (OSError, ValueError):
         return {}
     return cfg if isinstance(cfg, dict) else {}

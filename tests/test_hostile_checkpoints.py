@@ -337,7 +337,7 @@ def test_huge_tar_members_are_refused_from_the_header(tmp_path, ckpt, tok_dir):
            for i, e in enumerate(entries)]
     r = run("convert", write_tar(tmp_path / "a.nemo", big), "-o", tmp_path / "out",
             "--tokenizer", tok_dir)
-    refused(r, 2, "model_config.yaml", "17179869184 bytes", "16 MiB")
+    refused(r, 2, "model_config.yaml", "17179869184 bytes", "4 MiB")
 
     chunk = f"./{WDIR}/{FC2}/1.0.1"
     big = [(e if e[0].name != chunk else (member(chunk, size=GIB16), None)) for e in entries]
@@ -483,7 +483,7 @@ def test_huge_sparse_files_in_a_folder_are_refused_from_their_size(tmp_path, ckp
     bad = copy(ckpt[0], tmp_path / "rm2")
     os.truncate(bad / WDIR / FC2 / ".zarray", GIB16)
     r = run("convert", bad, "-o", tmp_path / "out", "--tokenizer", tok_dir)
-    refused(r, 2, ".zarray", "16 MiB")
+    refused(r, 2, ".zarray", "4 MiB")
 
 
 def test_fifo_is_refused_not_waited_on(tmp_path, ckpt, tok_dir):
@@ -561,3 +561,70 @@ def test_metadata_json_that_is_not_an_object(tmp_path, ckpt, tok_dir):
     (bad / WDIR / "metadata.json").write_text('["zarr"]')
     r = run("convert", bad, "-o", tmp_path / "out", "--tokenizer", tok_dir)
     refused(r, 2, "metadata.json", "sharded_backend None")
+
+
+# ------------------------------------------------------------------ a converted model's nfb key
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"head_bias": "2.0"}, ["nfb.head_bias is '2.0', not a list of numbers"]),
+    ({"head_bias": [1.0, None] + [0.0] * 7}, ["nfb.head_bias"]),
+    ({"head_bias": 9}, ["nfb.head_bias is 9"]),
+    ({"prompt_format": "{{ exec }}"}, ["nfb.prompt_format"]),
+    ({"recipe": ["steerlm-rm"]}, ["nfb.recipe"]),
+])
+def test_hostile_nfb_key_in_a_converted_model(stub_cli, tmp_path, ckpt, tok_dir, change,
+                                              words):
+    """`nfb score` acts on the nfb key `nfb convert` writes (head bias, prompt format,
+    recipe): one of the wrong kind is a one-line usage error, not a traceback mid-run."""
+    model = tmp_path / "hf"
+    r = run("convert", ckpt[0], "-o", model, "--tokenizer", tok_dir, "-q")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["nfb"].update(change)
+    (model / "config.json").write_text(json.dumps(cfg))
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "hello"}]}) + "\n")
+    r = stub_cli("score", src, "-o", tmp_path / "out.parquet", "--model", model,
+                 "--messages-field", "messages")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    lines = r.output.strip().splitlines()  # a `note:` on the recipe may come first
+    assert [x for x in lines if "error:" in x] == lines[-1:], r.output
+    for w in ("config.json", *words, "convert the checkpoint again"):
+        assert w in lines[-1], (w, r.output)
+
+
+@pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE])
+def test_huge_long_name_or_pax_header_is_refused(tmp_path, ckpt, tok_dir, kind):
+    """tarfile reads these headers whole: a 16 GiB one (a hole) is refused from its size."""
+    entries = [(member("././@LongLink", kind, size=GIB16), None)] + tar_entries(ckpt[0])
+    r = run("convert", write_tar(tmp_path / "rm.nemo", entries), "-o", tmp_path / "out",
+            "--tokenizer", tok_dir)
+    refused(r, 2, "not a NeMo checkpoint", "17179869184 bytes, more than the 1 MiB")
+
+
+@pytest.mark.parametrize("name", ["model.x\nerror: all is fine", "model.\x1b[2Jx",
+                                  "model.[red]x"])
+def test_hostile_tensor_names_print_as_one_line_of_text(tmp_path, ckpt, tok_dir, name):
+    """A tensor directory named with a newline, a terminal escape or rich markup: the error
+    that names it is still one line, shown as text (no fake second line, no escape, no
+    style taken from the name)."""
+    bad = copy(ckpt[0], tmp_path / "rm")
+    shutil.copytree(bad / WDIR / NORM, bad / WDIR / name)
+    r = run("convert", bad, "-o", tmp_path / "out", "--tokenizer", tok_dir)
+    refused(r, 2, "unexpected tensor")
+    assert "\x1b" not in r.output
+    if "[red]" in name:
+        assert "model.[red]x" in r.output
+
+
+def test_markup_in_a_dcp_key_is_text(tmp_path, dist, tok_dir):
+    """A torch_dist key holding a rich closing tag ("[/]") would be a MarkupError traceback
+    if printed as markup."""
+    bad = copy(dist, tmp_path / "rm")
+    md = pickle.loads((bad / WDIR / ".metadata").read_bytes())
+    md.state_dict_metadata["model.[/]x"] = md.state_dict_metadata[NORM]
+    (bad / WDIR / ".metadata").write_bytes(pickle.dumps(md))
+    r = run("convert", bad, "-o", tmp_path / "out", "--tokenizer", tok_dir)
+    refused(r, 2, "unexpected tensor model.[/]x")

@@ -125,9 +125,10 @@ class ConvertResult:
 
 # A checkpoint is untrusted input (people convert folders downloaded from the Hub): these
 # bound what nfb reads before it has checked it, each a one-line ConvertError past it.
-MAX_SMALL_FILE = 16 * 2**20      # model_config.yaml, metadata.json, a .zarray
-MAX_DCP_METADATA = 256 * 2**20   # torch_dist's .metadata pickle
+MAX_SMALL_FILE = 4 * 2**20       # model_config.yaml, metadata.json, a .zarray
+MAX_DCP_METADATA = 64 * 2**20    # torch_dist's .metadata pickle
 MAX_TAR_MEMBERS = 1_000_000      # members of a .nemo tar
+MAX_TAR_HEADER = 2**20           # a GNU long name or pax header (tarfile reads it whole)
 MAX_CHUNKS = 1_000_000           # chunk files of one zarr array
 MAX_NDIM, MAX_DIM = 8, 2**48     # dimensions of a tensor, and the size of each
 MAX_CONFIG_NODES = 100_000       # values in model_config.yaml once YAML aliases are expanded
@@ -152,6 +153,22 @@ def _allowed_roots(path: Path) -> tuple[str, ...]:
     return tuple(dict.fromkeys(roots))
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a GNU long-name or pax extended header into memory whole, at the size
+    its header claims (16 GiB would be a MemoryError): bound it first."""
+
+    def _proc_member(self, tarfile_):
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                         tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) and self.size > MAX_TAR_HEADER:
+            raise _HugeTarHeader(f"a tar header (type {self.type!r}) of {self.size} bytes, "
+                                 f"more than the {MAX_TAR_HEADER >> 20} MiB nfb reads")
+        return super()._proc_member(tarfile_)
+
+
+class _HugeTarHeader(Exception):
+    pass
+
+
 class _Source:
     """A `.nemo` tar or an unpacked folder, read by relative path, never extracted.
 
@@ -170,7 +187,7 @@ class _Source:
             self._roots = _allowed_roots(path)
             return
         try:
-            self.tar = tarfile.open(path, "r:*")
+            self.tar = tarfile.open(path, "r:*", tarinfo=_BoundedTarInfo)
             while (m := self.tar.next()) is not None:
                 if len(self.tar.members) > MAX_TAR_MEMBERS:
                     raise ConvertError(f"{path}: more than {MAX_TAR_MEMBERS} tar members: not a "
@@ -179,7 +196,7 @@ class _Source:
         except ConvertError:
             self.close()
             raise
-        except _READ_ERRORS as e:
+        except (*_READ_ERRORS, MemoryError, _HugeTarHeader) as e:
             self.close()
             raise ConvertError(f"{path}: not a NeMo checkpoint (a .nemo tar or its unpacked "
                                f"folder): {_first_line(e).rstrip(':')}", EXIT_BEFORE) from None

@@ -19,9 +19,25 @@ What it reads, and where each fact comes from
   (zarr v2). nfb reads them itself (no zarr, NeMo or Megatron), bf16 as uint16 bit patterns.
 * **torch_dist** backend (PyTorch DCP `.distcp` files), read through
   `torch.distributed.checkpoint`, whose `.metadata` file is a pickle: nfb reads it with an
-  allow-list unpickler (DCP's own metadata classes, torch dtypes and sizes only).
+  allow-list unpickler (exact (module, name) pairs: DCP's own metadata classes, torch dtypes
+  and sizes; no dotted names, nothing else) and checks before any tensor is read.
 * `*._extra_state` entries (Transformer Engine FP8 state, pickled) and `common.pt` are skipped,
   never unpickled.
+
+What it trusts (a checkpoint is untrusted input; each refusal is one ConvertError line)
+-----------------------------------------------------------------------------------------
+* Nothing runs: no pickle but DCP's `.metadata` is opened, and that one through the
+  allow-list; `model_config.yaml` is read with `yaml.safe_load`.
+* Nothing outside the checkpoint is read: tar members that are links, devices, FIFOs or
+  sparse, or whose names climb out, are refused; in a folder, files must be regular and
+  really inside it (symlinks out are refused, except into the Hub cache's `blobs/` for a
+  snapshot folder); zarr chunk names are integer indices joined by "." or "/" only; DCP data
+  files are plain names in the folder.
+* Memory is bounded by the model config, not by the bytes: small files are size-checked from
+  the tar header or stat before reading (MAX_SMALL_FILE, MAX_DCP_METADATA, MAX_TAR_HEADER),
+  `.zarray` shapes/chunks/dtype/compressor/separator are validated, every tensor's shape is
+  checked against `model_config.yaml`, the embedding's padding is bounded, and every chunk or
+  data file must have the size its metadata implies before any is read.
 
 Tensor layout (mcore GPT with Transformer Engine's fused norms; layers stacked on dim 0):
 * `decoder.layers.self_attention.linear_qkv.weight`: per query group, that group's query heads,
@@ -874,7 +890,8 @@ def _plan(arrays: dict[str, _Array], a: _Arch, vocab: int) -> tuple[list[_Out], 
         add(p + "mlp.down_proj.weight", fc2, (H, F), plain(fc2, i))
     add("model.norm.weight", norm, (H,), plain(norm))
     add("score.weight", head_w, (a.num_attributes, H), plain(head_w))
-    info = {"padded_vocab": padded, "head_b": head_b, "dtype": _HF_DTYPE[qkv.st_dtype]}
+    info = {"padded_vocab": padded, "head_b": head_b, "dtype": _HF_DTYPE[qkv.st_dtype],
+            "read": [emb, qkv, proj, ln1, ln2, fc1, fc2, norm, head_w, head_b]}
     return outs, info
 
 
@@ -1037,7 +1054,7 @@ def convert_nemo(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: s
         tok = _load_tokenizer(tokenizer)
         vocab = len(tok)
         outs, info = _plan(arrays, arch, vocab)
-        for arr in arrays.values():
+        for arr in info["read"]:
             arr.verify()  # every data file there, with the size its metadata implies
         attributes = (list(_steerlm_names()) if arch.num_attributes == 9
                       else [f"head_{i}" for i in range(arch.num_attributes)])

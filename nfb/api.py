@@ -87,12 +87,11 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
     if engine != "ray" and (ray_address or replicas != 1):
         raise UsageError("--ray-address and --replicas go with --engine ray")
     model = _resolve_model(model, log)
-    files = resolve_inputs(_inputs(inputs))
+    files = resolve_inputs(_inputs(inputs), exclude=output)
     if engine_restarts and "-" in files:
         raise UsageError("--engine-restarts needs input files: stdin cannot be read again "
                          "after an engine restart")
-    if output != "-" and any(os.path.abspath(f) == os.path.abspath(output) for f in files):
-        raise UsageError(f"the output {output} is also an input")
+    check_run_output(output, files)
     engine_cfg = EngineConfig(
         model=model, revision=revision, tensor_parallel_size=tensor_parallel_size,
         max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
@@ -107,6 +106,20 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
         limit=limit, shard=Shard.parse(shard) if isinstance(shard, str) else shard,
         prefix=prefix, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
         batch_rows=batch_rows)
+
+
+def check_run_output(output: str, files: list[str]) -> None:
+    """The output is never an input, and no input lives in the output's work directory."""
+    from nfb.io.outputs import check_not_input, inside
+    from nfb.workdir import workdir_for
+
+    check_not_input(output, files)
+    if output != "-":
+        wd = workdir_for(output)
+        for f in files:
+            if f != "-" and inside(f, wd):
+                raise UsageError(f"the input {f} lies in {wd}, where nfb keeps the output's "
+                                 "checkpoint: move it, or choose another output")
 
 
 def _fields(prompt_field: str, response_field: str | Sequence[str] | None,

@@ -163,6 +163,19 @@ def check_not_input(output: str, inputs: Iterable[str], what: str = "an input") 
                              "over its input: choose another output")
 
 
+def check_not_source(output: str | os.PathLike, sources: dict[str, str | os.PathLike]) -> None:
+    """Refuse (exit 2) an output directory that is a source, or holds one (replacing it
+    would delete the source), whatever --overwrite says. `sources`: what -> path; paths
+    that do not exist (a hub id) are skipped."""
+    for what, src in sources.items():
+        if src is None or not os.path.exists(src):
+            continue
+        if inside(src, output):
+            raise UsageError(f"the output {os.fspath(output)} is {what} or holds it "
+                             f"({os.fspath(src)}); nfb never writes over its source: choose "
+                             "another output")
+
+
 @contextmanager
 def guarded(output: str, inputs: Iterable[str] = ()) -> Iterator[None]:
     """A verb's output: never an input, locked while written, a failed write one line."""
@@ -184,8 +197,10 @@ def _writing(path: str, output: str) -> bool:
     work directory), not a read of an input."""
     here = os.path.dirname(os.path.realpath(output))
     p = os.path.realpath(path)
-    return os.path.dirname(p) == here or inside(p, os.path.realpath(output) + ".nfb") \
-        or p == os.path.realpath(output)
+    parent = os.path.dirname(p)
+    return parent == here or inside(p, os.path.realpath(output) + ".nfb") \
+        or inside(p, output) or (os.path.dirname(parent) == here and os.path.basename(
+            parent).startswith(f".{os.path.basename(output)}."))   # a temporary folder
 
 
 def write_error(e: OSError, output: str, saved: str = "") -> OutputError:

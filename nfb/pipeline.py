@@ -354,11 +354,22 @@ def _run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine], progr
         except OSError as e:   # disk full, a folder made read-only: one line, rows kept
             if to_stdout:
                 raise
-            saved = result.resumed_rows + result.new_rows
+            saved = _saved_rows(wd)
             raise write_error(e, cfg.output, f" ({saved:,} rows are saved in {wd.path})"
-                              if wd is not None and wd.path.exists() else "") from None
+                              if saved else "") from None
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _saved_rows(wd: WorkDir | None) -> int:
+    """Rows in the work directory's finished parts (footers only; 0 if unreadable)."""
+    total = 0
+    for p in wd.parts() if wd is not None and wd.path.exists() else []:
+        try:
+            total += pq.ParquetFile(p).metadata.num_rows
+        except (OSError, ValueError, pa.ArrowException):
+            continue
+    return total
 
 
 def _again(cfg: RunConfig) -> str:

@@ -210,8 +210,9 @@ class WorkDir:
         return done
 
     def clean_temporaries(self) -> None:
-        for p in self.path.glob(".*.tmp"):
-            p.unlink(missing_ok=True)
+        for pattern in (".*.tmp", ".*.tmp-*"):
+            for p in self.path.glob(pattern):
+                p.unlink(missing_ok=True)
 
     def record_engine(self, pids: list[tuple[int, float]]) -> None:
         """Record the running engine's processes (pid, start time), for a later run to stop

@@ -4,7 +4,7 @@
   output, held for the whole run or verb. A second nfb process on the same output is refused
   at once with one line naming the holder's pid and command (`OutputBusy`, exit 2). The lock
   dies with its process (a kill leaves no stale lock); the file is removed on release.
-- `temp_path(path)`: `.NAME.PID-RANDOM.tmp` beside `path`: two processes (or two writes of
+- `temp_path(path)`: `.NAME.tmp-PID-RANDOM` beside `path`: two processes (or two writes of
   one) never share a temporary file.
 - `check_not_input(output, inputs)`: an output may never be (or replace) an input, with or
   without --overwrite (paths resolved: symlinks, `./a` and `a`, hard links).
@@ -36,7 +36,7 @@ LOCK_SUFFIX = ".nfb-lock"
 def temp_path(path: str | os.PathLike) -> Path:
     """A temporary name beside `path`, unique to this process and call."""
     p = Path(path)
-    return p.with_name(f".{p.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    return p.with_name(f".{p.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def lock_path(output: str | os.PathLike) -> Path:
@@ -127,7 +127,7 @@ def clean_stale_temps(output: str | os.PathLike) -> None:
     """Remove temporary files of `output` (and its sidecar) left by killed writers; call it
     only while holding the output's lock."""
     p = Path(output)
-    pattern = re.compile(rf"^\.{re.escape(p.name)}(\.nfb\.json)?(\.\d+-[0-9a-f]{{8}})?\.tmp$")
+    pattern = re.compile(rf"^\.{re.escape(p.name)}(\.nfb\.json)?\.tmp(-\d+-[0-9a-f]{{8}})?$")
     try:
         names = os.listdir(p.parent if str(p.parent) else ".")
     except OSError:

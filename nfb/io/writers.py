@@ -237,11 +237,7 @@ class PartWriter:
         schema = unify_schemas(t.schema for t in self._buf)
         table = pa.concat_tables([conform(t, schema) for t in self._buf])
         first = table.column(self.row_column)[0].as_py()
-        path, n = self.dir / f"part-{first:012d}.parquet", 0
-        while path.exists():   # never replace a part (its rows would be lost)
-            n += 1
-            path = self.dir / f"part-{first:012d}-{n}.parquet"
-        atomic_parquet(table, path)
+        atomic_parquet(table, self.dir / f"part-{first:012d}.parquet")
         self.written_rows += self._buf_rows
         self.parts += 1
         self._buf, self._buf_rows = [], 0

@@ -387,6 +387,7 @@ def run_filter(files: list[str], output: str, spec: FilterSpec,
         meta = dict(view.meta)
         if meta:
             meta["fingerprint"] = None   # a filtered file is no finished run of the command
+            meta["identity"] = None
         meta["columns"] = added if not spec.drop_nfb_columns else \
             [c for c in added if c in (spec.prefix + RANK_COL, spec.prefix + Z_COL)]
         meta["filter"] = {**spec.args(), "inputs": files}

@@ -57,10 +57,13 @@ def _dir_files(root: Path) -> list[str]:
 
 
 def _without(files: list[str], exclude: str | None) -> list[str]:
-    if not exclude or exclude == STDIN or not os.path.exists(exclude):
+    """`files` less the output `exclude` and anything in its work directory."""
+    if not exclude or exclude == STDIN:
         return files
-    from nfb.io.outputs import same_file
-    return [f for f in files if not same_file(f, exclude)]
+    from nfb.io.outputs import inside, same_file
+    wd = exclude + ".nfb"
+    return [f for f in files if not inside(f, wd)
+            and not (os.path.exists(exclude) and same_file(f, exclude))]
 
 
 def resolve_inputs(specs: list[str], exclude: str | None = None) -> list[str]:

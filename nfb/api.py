@@ -88,12 +88,11 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
     if engine != "ray" and (ray_address or replicas != 1):
         raise UsageError("--ray-address and --replicas go with --engine ray")
     model = _resolve_model(model, log)
-    files = resolve_inputs(_inputs(inputs))
+    files = resolve_inputs(_inputs(inputs), exclude=output)
     if engine_restarts and "-" in files:
         raise UsageError("--engine-restarts needs input files: stdin cannot be read again "
                          "after an engine restart")
-    if output != "-" and any(_same_path(f, output) for f in files):
-        raise UsageError(f"the output {output} is also an input")
+    check_run_output(output, files)
     if is_url(output):
         from nfb.io.storage import check_output
         check_output(output)
@@ -113,10 +112,18 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
         batch_rows=batch_rows)
 
 
-def _same_path(a: str, b: str) -> bool:
-    if is_url(a) or is_url(b):
-        return a == b
-    return os.path.abspath(a) == os.path.abspath(b)
+def check_run_output(output: str, files: list[str]) -> None:
+    """The output is never an input, and no input lives in the output's work directory."""
+    from nfb.io.outputs import check_not_input, inside
+    from nfb.workdir import workdir_for
+
+    check_not_input(output, files)
+    if output != "-":
+        wd = workdir_for(output)
+        for f in files:
+            if f != "-" and inside(f, wd):
+                raise UsageError(f"the input {f} lies in {wd}, where nfb keeps the output's "
+                                 "checkpoint: move it, or choose another output")
 
 
 def _fields(prompt_field: str, response_field: str | Sequence[str] | None,

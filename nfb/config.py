@@ -51,7 +51,9 @@ class EngineConfig:
     stall_timeout: float = 600.0                  # seconds without progress = a stalled engine
 
     def result_key(self) -> dict:
-        return {"model": self.model, "revision": self.revision, "dtype": self.dtype,
+        """The settings that change results; a local model directory by its normalised path
+        (`./models/rm9` and `models/rm9` are one model; what is in it is `model_identity`)."""
+        return {"model": model_key(self.model), "revision": self.revision, "dtype": self.dtype,
                 "max_model_len": self.max_model_len, "hf_overrides": self.hf_overrides}
 
 
@@ -99,14 +101,88 @@ class RunConfig:
     checkpoint_seconds: float = 30.0
 
 
+def model_key(model: str) -> str:
+    """A local model directory's absolute, normalised path; a hub id as it is."""
+    path = os.path.expanduser(model)
+    return os.path.abspath(path) if os.path.isdir(path) else model
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack",
+                    ".onnx", ".npz", ".zarr")
+# what the model is besides its weights: config, tokenizer, chat template, remote code
+_HASHED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".py", ".tiktoken", ".yaml", ".yml")
+_HASHED_MAX = 64 << 20     # files up to this size are hashed whole
+_MODEL_FILES_MAX = 5000
+
+
+def model_identity(model: str) -> dict:
+    """What a local model directory holds: a hash of every small file (config, tokenizer,
+    chat template, generation config, code) and the names, sizes and modification times of
+    the weight files, so changed weights or a changed template at the same path are another
+    model. Other files (a README, an nfb output kept there) do not count. A hub id is its name
+    (and --revision) only."""
+    path = os.path.expanduser(model)
+    if not os.path.isdir(path):
+        return {"hub": model}
+    contents = hashlib.sha256()
+    weights = []
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith(".nfb"))
+        files.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith("."))
+        if len(files) > _MODEL_FILES_MAX:
+            break
+    for f in files[:_MODEL_FILES_MAX]:
+        rel = os.path.relpath(f, path)
+        name = f.lower()
+        is_weight = name.endswith(_WEIGHT_SUFFIXES)
+        if not is_weight and (not name.endswith(_HASHED_SUFFIXES) or name.endswith(".nfb.json")):
+            continue
+        try:
+            st = os.stat(f)
+        except OSError:
+            continue
+        if is_weight or st.st_size > _HASHED_MAX:
+            weights.append([rel, st.st_size, st.st_mtime_ns])
+            continue
+        try:
+            with open(f, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            weights.append([rel, st.st_size, st.st_mtime_ns])
+            continue
+        contents.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+    return {"files": contents.hexdigest()[:32], "weights": weights}
+
+
+_BLOCK = 64 << 10
+_SAMPLES = 8   # blocks read per input file: first, last and evenly spaced between
+
+
 def _input_identity(path: str) -> dict:
+    """An input by its path, size, modification time, and a hash of a few 64 KiB blocks
+    (the first and last among them), so an edit in place that kept size and mtime is seen
+    where it touches them; cheap whatever the file's size."""
     if path == "-":
         return {"path": "-"}
     from nfb.io import storage
     if storage.is_url(path):
         return storage.identity(path)
     st = os.stat(path)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            size = st.st_size
+            if size <= _BLOCK * _SAMPLES:
+                h.update(fh.read(_BLOCK * _SAMPLES))
+            else:
+                for k in range(_SAMPLES):
+                    fh.seek((size - _BLOCK) * k // (_SAMPLES - 1))
+                    h.update(fh.read(_BLOCK))
+    except OSError:
+        pass
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sample": h.hexdigest()[:32]}
 
 
 def result_spec(cfg: RunConfig, task_name: str, task_settings: dict) -> dict:
@@ -122,15 +198,41 @@ def result_spec(cfg: RunConfig, task_name: str, task_settings: dict) -> dict:
     }
 
 
-def fingerprint(cfg: RunConfig, task_name: str, task_settings: dict) -> str:
-    spec = result_spec(cfg, task_name, task_settings)
-    spec["inputs"] = [_input_identity(p) for p in cfg.inputs]
-    return hashlib.sha256(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+def _hash(obj) -> str:
+    return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+def identity(cfg: RunConfig, task_name: str, task_settings: dict) -> dict:
+    """The three things a fingerprint covers, each hashed on its own, so a refusal can say
+    which changed: the settings, what the model is, and the inputs."""
+    return {"settings": _hash(result_spec(cfg, task_name, task_settings)),
+            "model": _hash(model_identity(cfg.engine.model)),
+            "inputs": _hash([_input_identity(p) for p in cfg.inputs])}
+
+
+def fingerprint(cfg: RunConfig, task_name: str, task_settings: dict,
+                ident: dict | None = None) -> str:
+    return _hash(ident or identity(cfg, task_name, task_settings))
+
+
+def what_changed(old: dict | None, new: dict) -> str | None:
+    """Why two runs differ, from their `identity()` (None: cannot tell; other settings)."""
+    if not isinstance(old, dict):
+        return None
+    changed = [k for k in ("settings", "model", "inputs") if old.get(k) != new.get(k)]
+    if changed == ["inputs"]:
+        return ("on inputs that have changed since (size, time or contents); add "
+                "--overwrite to start over on them, or restore them and run again")
+    if changed == ["model"]:
+        return ("with a model that has changed since at the same path (config, tokenizer, "
+                "chat template or weights)")
+    return None
 
 
 def provenance(cfg: RunConfig, task_name: str, task_settings: dict,
                extra: dict | None = None) -> dict:
     """What the output's footer says about how it was made."""
+    ident = identity(cfg, task_name, task_settings)
     out = {
         "nfb_version": __version__,
         "task": task_name,
@@ -149,10 +251,13 @@ def provenance(cfg: RunConfig, task_name: str, task_settings: dict,
         "prompt": task_settings.get("prompt"),
         "sampling": task_settings.get("sampling"),
         "weights": task_settings.get("weights"),
-        "fingerprint": fingerprint(cfg, task_name, task_settings),
+        "fingerprint": fingerprint(cfg, task_name, task_settings, ident),
+        "identity": ident,
         # the same run without --shard: shards of one job share it, and their merge carries
         # it, so the unsharded command sees the merge as complete
-        "settings_fingerprint": fingerprint(replace(cfg, shard=None), task_name, task_settings),
+        "settings_fingerprint": fingerprint(cfg, task_name, task_settings, {
+            **ident, "settings": _hash(result_spec(replace(cfg, shard=None), task_name,
+                                                   task_settings))}),
     }
     if extra:
         out.update(extra)

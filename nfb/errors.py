@@ -44,6 +44,14 @@ class MergeError(UsageError):
     """The inputs of `nfb merge` are not the shards of one run (exit 2)."""
 
 
+class OutputBusy(UsageError):
+    """Another nfb process is writing the same output (exit 2)."""
+
+
+class OutputError(NfbError):
+    """An output that cannot be written: no space, read-only, permission (exit 1)."""
+
+
 class InputError(NfbError):
     """An input that cannot be used at all: missing, unreadable, unknown format (exit 1)."""
 

@@ -90,13 +90,15 @@ def _table_functions(con) -> set[str]:
 
 
 def _walk(node, out: list) -> None:
-    if isinstance(node, dict):
-        out.append(node)
-        for v in node.values():
-            _walk(v, out)
-    elif isinstance(node, list):
-        for v in node:
-            _walk(v, out)
+    """Every dict in the parse tree, in order (iterative: a deep tree is no recursion)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            out.append(n)
+            stack.extend(reversed(list(n.values())))
+        elif isinstance(n, list):
+            stack.extend(reversed(n))
 
 
 def check_expression(view: ScoredView, expr: str) -> None:
@@ -105,7 +107,12 @@ def check_expression(view: ScoredView, expr: str) -> None:
     if not expr.strip():
         raise ConfigError(f"--where {expr!r}: empty; {_HINT}")
     sql = f"SELECT * FROM {VIEW} WHERE (\n{expr}\n)"
-    tree = orjson.loads(view.con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+    try:
+        tree = orjson.loads(view.con.execute("SELECT json_serialize_sql(?)",
+                                             [sql]).fetchall()[0][0])
+    except orjson.JSONDecodeError:   # its parse tree is deeper than orjson reads
+        raise ConfigError(f"--where {expr[:80]!r}...: nested too deeply; write a flatter "
+                          f"condition. {_HINT}") from None
     if tree.get("error"):
         msg = tree.get("error_message", "syntax error")
         if ";" in expr:
@@ -380,6 +387,7 @@ def run_filter(files: list[str], output: str, spec: FilterSpec,
         meta = dict(view.meta)
         if meta:
             meta["fingerprint"] = None   # a filtered file is no finished run of the command
+            meta["identity"] = None
         meta["columns"] = added if not spec.drop_nfb_columns else \
             [c for c in added if c in (spec.prefix + RANK_COL, spec.prefix + Z_COL)]
         meta["filter"] = {**spec.args(), "inputs": files}
@@ -424,8 +432,11 @@ def filter_rows(inputs: list[str] | str, output: str, *, min_level: str | int | 
                       max_reward=max_reward, where=where, drop_errors=drop_errors,
                       best_of_n=best_of_n, top_k=top_k, group_by=group_by, add_rank=add_rank,
                       drop_nfb_columns=drop_nfb_columns, prefix=prefix)
-    files = scored_files(_paths(inputs))
-    return run_filter(files, output, spec, warn)
+    from nfb.io.outputs import guarded
+
+    files = scored_files(_paths(inputs), exclude=output)
+    with guarded(output, files):   # never over an input; one writer; a failed write one line
+        return run_filter(files, output, spec, warn)
 
 
 def _paths(inputs) -> list[str]:

@@ -118,14 +118,17 @@ def merge(inputs: list[str] | str, output: str) -> tuple[int, int]:
         output_format(output)
     except ValueError as e:
         raise MergeError(str(e)) from None
-    files = scored_files(_paths(inputs))
+    from nfb.io.outputs import guarded
+
+    files = scored_files(_paths(inputs), exclude=output)
     from nfb.io.readers import input_format
     from nfb.io.scored import _parquet
 
     for f in files:   # a 0-byte or damaged file: InputError (exit 1), before any check
         if input_format(f) == "parquet":
             _parquet(f)
-    return len(files), merge_outputs(files, output)
+    with guarded(output, files):   # never over an input; one writer; a failed write one line
+        return len(files), merge_outputs(files, output)
 
 
 def _paths(inputs) -> list[str]:

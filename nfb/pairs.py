@@ -36,12 +36,12 @@ SCORE_AUTO = ("reward", "feedback_level_mean", "feedback_level")
 # ----------------------------------------------------------------------------- reading
 
 
-def resolve(inputs) -> list[str]:
+def resolve(inputs, exclude: str | None = None) -> list[str]:
     from nfb.io.scored import scored_files
 
     if isinstance(inputs, (str, bytes)) or hasattr(inputs, "__fspath__"):
         inputs = [inputs]
-    return scored_files([str(i) for i in inputs])
+    return scored_files([str(i) for i in inputs], exclude=exclude)
 
 
 def columns_of(files: list[str]) -> pa.Schema:
@@ -378,7 +378,10 @@ def pairs(inputs, output: str, *, group_by: str | None = None, min_margin: float
         raise UsageError(str(e)) from None
     if isinstance(response_field, str):
         response_field = [response_field]
-    files = resolve(inputs)
+    from nfb.io.outputs import check_not_input, guarded
+
+    files = resolve(inputs, exclude=str(output))
+    check_not_input(str(output), files)
     schema = columns_of(files)
     shape = detect_shape(schema, prefix=prefix, score=score, response_field=response_field,
                          responses_field=responses_field)
@@ -422,7 +425,7 @@ def pairs(inputs, output: str, *, group_by: str | None = None, min_margin: float
               if k not in ("settings", "output", "shape", "score")}
     meta["pairs"] = {**res.settings, "counts": counts}
     try:
-        with OutputWriter(str(output), out.schema, meta) as w:
+        with guarded(str(output), files), OutputWriter(str(output), out.schema, meta) as w:
             w.write(out)
     except OSError as e:
         raise InputError(f"{output}: cannot write ({e.strerror or e})") from None

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from nfb.config import RunConfig, provenance
+from nfb.config import RunConfig, provenance, what_changed
 from nfb.engines.base import Engine
 from nfb.errors import EngineDied, UsageError
+from nfb.io.outputs import OutputLock, clean_stale_temps, write_error
 from nfb.io.readers import STDIN, Chunk, count_rows, input_columns, input_schema, read_chunks
 from nfb.io.storage import is_url
 from nfb.io.writers import STDOUT, OutputWriter, PartWriter, merge_tables, read_metadata
@@ -244,8 +246,10 @@ def output_exists(path: str) -> bool:
     return os.path.exists(path)
 
 
-def finished_result(cfg: RunConfig, fp: str) -> RunResult | None:
-    """The result of an earlier, finished run of the same command, if OUT holds one."""
+def finished_result(cfg: RunConfig, fp: str, meta_now: dict | None = None
+                    ) -> RunResult | None:
+    """The result of an earlier, finished run of the same command, if OUT holds one
+    (`meta_now`: this run's provenance, to say what changed)."""
     if cfg.output == STDOUT or cfg.overwrite or not output_exists(cfg.output):
         return None
     wd = WorkDir(cfg.output)
@@ -261,6 +265,14 @@ def finished_result(cfg: RunConfig, fp: str) -> RunResult | None:
                          unreadable=s.get("unreadable", 0), already_done=True)
     if wd.exists:
         return None  # an unfinished run: its work directory decides
+    why = what_changed((meta or {}).get("identity"), (meta_now or {}).get("identity") or {})
+    if why and why.startswith("on inputs"):
+        raise ResumeError(f"{cfg.output} was written by this command, but on inputs that have "
+                          "changed since (size, time or contents); add --overwrite to score "
+                          "them again, or choose another output.")
+    if why:
+        raise ResumeError(f"{cfg.output} was written by this command, but {why}; add "
+                          "--overwrite to score again, or choose another output.")
     raise ResumeError(
         f"{cfg.output} already exists and was not written by this command "
         f"({'another nfb run' if meta else 'not an nfb output'}). Choose another output, "
@@ -284,7 +296,16 @@ def run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine] | None 
         def engine_factory() -> Engine:
             return make_engine(cfg.engine, task.runner)
     fp, meta = prepare(cfg, task)
-    done_before = finished_result(cfg, fp)
+    if cfg.output == STDOUT:
+        return _run(cfg, task, engine_factory, progress, log, fp, meta, t0)
+    with OutputLock(cfg.output):   # one process per output: a second is refused (exit 2)
+        clean_stale_temps(cfg.output)
+        return _run(cfg, task, engine_factory, progress, log, fp, meta, t0)
+
+
+def _run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine], progress: Progress,
+         log: Callable[[str], None], fp: str, meta: dict, t0: float) -> RunResult:
+    done_before = finished_result(cfg, fp, meta)
     if done_before is not None:
         return done_before
     result = RunResult(cfg.output)
@@ -296,10 +317,18 @@ def run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine] | None 
     if not to_stdout:
         wd = WorkDir(cfg.output)
         stdin = STDIN in cfg.inputs
-        wd.open(fp, {"model": cfg.engine.model, "started": _now(), "command": meta},
-                overwrite=cfg.overwrite or stdin)  # stdin cannot be replayed: never resume it
+        ident = meta.get("identity")
+        try:
+            wd.open(fp, {"model": cfg.engine.model, "started": _now(), "command": meta},
+                    overwrite=cfg.overwrite or stdin,  # stdin cannot be replayed: never resume
+                    describe=lambda old: what_changed(
+                        (old.get("command") or {}).get("identity"), ident))
+        except OSError as e:
+            raise write_error(e, str(wd.path)) from None
         wd.clean_temporaries()
         stop_leftover_engine(wd, log)
+        for name in wd.drop_damaged_parts(row_col):
+            log(f"a damaged checkpoint part ({name}) was dropped; its rows are done again")
         done = wd.done_rows(row_col)
         result.resumed_rows = int(done.sum())
         if result.resumed_rows:
@@ -331,8 +360,25 @@ def run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine] | None 
                 f"interrupted: {saved:,} rows are saved in "
                 f"{wd.path if wd else 'the output'}; {_again(cfg)}"
             ) from None
+        except OSError as e:   # disk full, a folder made read-only: one line, rows kept
+            if to_stdout:
+                raise
+            saved = _saved_rows(wd)
+            raise write_error(e, cfg.output, f" ({saved:,} rows are saved in {wd.path})"
+                              if saved else "") from None
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _saved_rows(wd: WorkDir | None) -> int:
+    """Rows in the work directory's finished parts (footers only; 0 if unreadable)."""
+    total = 0
+    for p in wd.parts() if wd is not None and wd.path.exists() else []:
+        try:
+            total += pq.ParquetFile(p).metadata.num_rows
+        except (OSError, ValueError, pa.ArrowException):
+            continue
+    return total
 
 
 def _again(cfg: RunConfig) -> str:
@@ -690,23 +736,49 @@ class _StdoutWriter:
 def _finalize(cfg: RunConfig, task: Task, wd: WorkDir, meta: dict, result: RunResult,
               row_col: str) -> int:
     """Merge the parts, in row order, into the output (temporary name, then rename)."""
-    parts = wd.parts()
-    schemas = [pq.read_schema(p) for p in parts]
-    meta["summary"] = result.summary() | {"rows": sum(pq.ParquetFile(p).metadata.num_rows
-                                                      for p in parts)}
+    try:
+        part_rows = wd.part_rows(row_col)
+        schemas = [pq.read_schema(p) for p, _ in part_rows]
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+        raise RunError(f"{wd.path}: a checkpoint part cannot be read ({e}); run the same "
+                       "command again (damaged parts are dropped and their rows done again)"
+                       ) from None
+    parts = [p for p, _ in part_rows]
+    rows = [r for _, r in part_rows]
+    every = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    meta["summary"] = result.summary() | {"rows": int(len(np.unique(every)))}
+    # parts are usually contiguous runs in row order; when one was lost and its rows done
+    # again, a later part can hold rows from before and after others: merge by row number
+    ordered = all(len(r) == 0 or bool(np.all(np.diff(r) > 0)) for r in rows)
     last = -1
-    for p in parts:  # parts are contiguous and ordered by their first row: check it
-        col = pq.read_table(p, columns=[row_col]).column(0)
-        if len(col) and col[0].as_py() <= last:
-            raise RunError(f"{wd.path}: overlapping checkpoint parts ({p.name}); "
-                           "start over with --overwrite")
-        if len(col):
-            last = col[-1].as_py()
+    for r in rows:
+        if len(r):
+            ordered = ordered and int(r[0]) > last
+            last = int(r[-1])
 
     def tables(path: Path) -> Iterator[pa.Table]:
         pf = pq.ParquetFile(path)
         for batch in pf.iter_batches(batch_size=16_384):
             yield pa.Table.from_batches([batch])
+
+    def sorted_tables(path: Path, r: np.ndarray) -> Iterator[pa.Table]:
+        if len(r) and bool(np.all(np.diff(r) > 0)):
+            yield from tables(path)
+        else:
+            t = pq.read_table(path)
+            yield t.take(pc.sort_indices(t, [(row_col, "ascending")]))
+
+    def by_row() -> Iterator[pa.Table]:
+        from nfb.merge import _kway
+
+        last = -1
+        for t in _kway([sorted_tables(p, r) for p, r in part_rows], row_col):
+            r = t.column(row_col).to_numpy()
+            keep = np.empty(len(r), dtype=bool)   # a row found twice is written once
+            keep[0] = r[0] > last
+            keep[1:] = r[1:] > r[:-1]
+            last = max(last, int(r[-1]))
+            yield t if keep.all() else t.filter(pa.array(keep))
 
     schemas = [s.remove_metadata() for s in schemas]
     if not schemas:  # no row at all: the output still has the input's columns
@@ -714,4 +786,5 @@ def _finalize(cfg: RunConfig, task: Task, wd: WorkDir, meta: dict, result: RunRe
                               pa.field(row_col, pa.int64()),
                               pa.field(cfg.prefix + ERROR, pa.string()),
                               *task.schema(cfg.prefix)])]
-    return merge_tables(cfg.output, (tables(p) for p in parts), schemas, meta)
+    sources = (tables(p) for p in parts) if ordered else [by_row()]
+    return merge_tables(cfg.output, sources, schemas, meta)

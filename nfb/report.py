@@ -104,14 +104,28 @@ def _axes(x0: float, x1: float, y0: float, y1: float, xlabel: str, ylabel: str,
     return "".join(out)
 
 
+def _bin_edges(lo: float, hi: float, bins: int) -> np.ndarray:
+    """`bins` finite, increasing bin edges over [lo, hi]: one value, values a few ulps apart
+    (numpy: "Too many bins") and a span past the largest float all get a usable range."""
+    if lo == hi:
+        lo, hi = lo - 0.5, hi + 0.5
+    with np.errstate(all="ignore"):
+        edges = np.linspace(lo / 2, hi / 2, bins + 1) * 2   # no overflow of hi - lo
+        if not (np.all(np.isfinite(edges)) and np.all(np.diff(edges) > 0)):
+            pad = max(abs(lo), abs(hi), 1.0) * 1e-6
+            edges = np.linspace(lo - pad, hi + pad, bins + 1)
+    edges[0], edges[-1] = min(edges[0], lo), max(edges[-1], hi)
+    return edges
+
+
 def histogram_svg(values: np.ndarray, label: str, bins: int = 20) -> str:
     v = values[np.isfinite(values)]
     if not len(v):
         return _empty(f"no values of {label}")
     lo, hi = float(v.min()), float(v.max())
-    if lo == hi:
-        lo, hi = lo - 0.5, hi + 0.5
-    counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    edges = _bin_edges(lo, hi, bins)
+    lo, hi = float(edges[0]), float(edges[-1])
+    counts, _ = np.histogram(v, bins=edges)
     top = max(int(counts.max()), 1)
     pw, ph = W - ML - MR, H - MT - MB
     bw = pw / bins
@@ -436,13 +450,17 @@ def report(inputs, output: str, *, prefix: str = "", title: str | None = None) -
     out = Path(str(output))
     if out.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"{output}: the report is an HTML file; name it .html")
-    files = resolve(inputs)
+    from nfb.io.outputs import check_not_input, guarded, temp_path
+
+    files = resolve(inputs, exclude=str(output))
+    check_not_input(str(output), files)
     page = render(collect(files, prefix), title)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"{output}: cannot write ({e.strerror or e})") from None
+    with guarded(str(output), files):   # one writer; a failed write is one line
+        tmp = temp_path(out)
+        try:
+            tmp.write_text(page, encoding="utf-8")
+            tmp.replace(out)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise InputError(f"{output}: cannot write ({e.strerror or e})") from None
     return str(out)

@@ -4,7 +4,8 @@ at an exact point of its file operations.
 
 Engine factories (each called as factory(cfg, runner)):
 - `slow_stub`: the stub engine, after writing the marker file `$NFB_TEST_MARK` (if set) and
-  sleeping `$NFB_TEST_LOAD_SLEEP` seconds (a slow model load); each request then takes
+  sleeping `$NFB_TEST_LOAD_SLEEP` seconds (a slow model load), and then until the file
+  `$NFB_TEST_LOAD_UNTIL` exists (if set; 120 s at most); each request then takes
   `$NFB_TEST_ROW_SLEEP` seconds (a slow engine).
 - `no_engine`: raises: the run must not load a model.
 
@@ -74,6 +75,10 @@ def slow_stub(cfg, runner):
         with open(mark, "w") as fh:
             fh.write("loading")
     time.sleep(float(os.environ.get("NFB_TEST_LOAD_SLEEP", "0")))
+    until = os.environ.get("NFB_TEST_LOAD_UNTIL")   # a load that lasts until this file exists
+    t0 = time.monotonic()
+    while until and not os.path.exists(until) and time.monotonic() - t0 < 120:
+        time.sleep(0.05)
     engine = StubEngine(cfg, runner)
     row_sleep = float(os.environ.get("NFB_TEST_ROW_SLEEP", "0"))
     if row_sleep > 0:

@@ -167,8 +167,10 @@ ITEMS = st.lists(st.one_of(ROWS, ROWS, BAD), min_size=1, max_size=24)
 KILLS = st.one_of(
     st.tuples(st.just("ext"), st.floats(0, 2.5)),
     st.tuples(st.just("parts"), st.integers(1, 3)),
-    st.tuples(st.just("hook"), st.just("open"), st.just(".state.json.tmp"), st.just(1),
-              st.just(0.0)),
+    st.tuples(st.just("hook"), st.just("open"), st.just("state.json"), st.just(1),
+              st.just(0.0)),                                            # a new work dir
+    st.tuples(st.just("hook"), st.just("os.rename"), st.just(".nfb.new-"), st.just(1),
+              st.just(0.0)),                                            # ... before its rename
     st.tuples(st.just("hook"), st.just("open"), st.just(".part-"), st.integers(1, 4),
               st.sampled_from([0.0, 0.002, 0.02])),                    # a part mid-write
     st.tuples(st.just("hook"), st.just("os.rename"), st.just("part-"), st.integers(1, 4),

@@ -17,6 +17,7 @@ the next run of the same command stops a leftover engine of a killed run before 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,19 +36,51 @@ def _same(pid: int, create_time: float):
     return None
 
 
-def kill_processes(records: list[tuple[int, float]], grace: float = 2.0) -> int:
-    """Kill the processes (and their children) whose pid and start time still match."""
+# what an engine process's command line holds: vLLM's process titles (VLLM::EngineCore,
+# VLLM::Worker), Python's multiprocessing children, torch's compile workers, Ray's workers,
+# and nfb itself (a forked engine keeps nfb's command line)
+_ENGINE_WORDS = re.compile(r"vllm|multiprocessing[.-](spawn|fork|resource_tracker)|"
+                           r"compile_worker|\bray::|/ray/|(^|[\s/])nfb(\s|$)|-m\s+nfb\b",
+                           re.IGNORECASE)
+
+
+def is_engine_process(p) -> bool:
+    """Whether `p` (a psutil.Process) belongs to the current user and its command line is
+    vLLM's, nfb's or one of their helpers' (never, say, an unrelated `sleep`)."""
+    import psutil
+
+    try:
+        if p.uids().real != os.getuid():
+            return False
+        cmd = " ".join(p.cmdline()) or p.name()
+    except (psutil.Error, OSError, AttributeError):
+        return False
+    return bool(_ENGINE_WORDS.search(cmd))
+
+
+def kill_processes(records: list[tuple[int, float]], grace: float = 2.0,
+                   verify: bool = True) -> int:
+    """Kill the processes (and their children) whose pid and start time still match.
+
+    With `verify` (a record read from a file, such as `engine.json`, which anyone who can
+    write the work directory can forge), only processes of the current user whose command
+    line is an engine's are killed, each child checked on its own. The guardian, whose
+    records come from nfb over a pipe, kills what nfb told it."""
     import psutil
 
     procs = []
     for pid, ctime in records:
         p = _same(pid, ctime)
-        if p is not None and p.pid != os.getpid():
-            try:
-                procs.extend(p.children(recursive=True))
-            except psutil.Error:
-                pass
-            procs.append(p)
+        if p is None or p.pid in (os.getpid(), os.getppid()):
+            continue
+        if verify and not is_engine_process(p):
+            continue
+        try:
+            kids = p.children(recursive=True)
+        except psutil.Error:
+            kids = []
+        procs.extend(k for k in kids if not verify or is_engine_process(k))
+        procs.append(p)
     seen = {}
     for p in procs:
         seen[p.pid] = p
@@ -155,7 +188,7 @@ def main() -> None:
             time.sleep(0.2)
             if released.is_set():
                 return
-            kill_processes(list(records))
+            kill_processes(list(records), verify=False)
             return
         time.sleep(0.25)
 

@@ -183,16 +183,22 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_parquet(table: pa.Table, path: Path, metadata: dict | None = None) -> None:
     """Write `table` to `path` so that the file appears whole or not at all."""
+    from nfb.io.outputs import temp_path
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     if metadata is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                META_KEY: orjson.dumps(metadata)})
-    with open(tmp, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

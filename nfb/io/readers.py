@@ -59,8 +59,22 @@ def _dir_files(root: Path) -> list[str]:
     return out
 
 
-def resolve_inputs(specs: list[str]) -> list[str]:
+def _without(files: list[str], exclude: str | None) -> list[str]:
+    """`files` less the output `exclude` and anything in its work directory."""
+    if not exclude or exclude == STDIN:
+        return files
+    from nfb.io.outputs import inside, same_file
+    wd = exclude + ".nfb"
+    return [f for f in files if not inside(f, wd)
+            and not (os.path.exists(exclude) and same_file(f, exclude))]
+
+
+def resolve_inputs(specs: list[str], exclude: str | None = None) -> list[str]:
     """Expand globs and directories into a sorted, de-duplicated list of files.
+
+    `exclude`: the run's own output, left out of what globs and directories match (an
+    output written into its input folder is never read back as input; named on its own it
+    is kept, and the caller refuses it).
 
     Raises InputError for a path that does not exist, a glob that matches nothing, an
     unreadable file, an unknown extension, or a .zst file without `zstandard`, so that a
@@ -78,14 +92,14 @@ def resolve_inputs(specs: list[str]) -> list[str]:
             matches = sorted(m for m in glob.glob(spec, recursive=True) if os.path.isfile(m))
             if not matches:
                 raise InputError(f"{spec}: the pattern matches no file")
-            files.extend(matches)
+            files.extend(_without(matches, exclude))
             continue
         p = Path(spec)
         saved = hfdisk.dataset_files(spec, os.path.exists) if p.is_dir() else None
         if saved is not None:   # written by datasets' save_to_disk
             files.extend(saved)
         elif p.is_dir():
-            found = _dir_files(p)
+            found = _without(_dir_files(p), exclude)
             if not found:
                 raise InputError(f"{spec}: the directory holds no .jsonl/.jsonl.gz/.parquet file")
             files.extend(found)

@@ -31,10 +31,11 @@ VIEW = "scored"
 FILE_COL, ROW_COL = "__nfb_file", "__nfb_pos"   # hidden: input order across files
 
 
-def scored_files(specs: list[str]) -> list[str]:
+def scored_files(specs: list[str], exclude: str | None = None) -> list[str]:
     """Resolved files; stdin ('-') is spooled to a temporary file, since filter and stats read
-    their input more than once (schema, best-of-n)."""
-    files = resolve_inputs(specs)
+    their input more than once (schema, best-of-n). `exclude`: the verb's own output, never
+    read back from a folder or glob it is in."""
+    files = resolve_inputs(specs, exclude=exclude)
     if files == ["-"]:
         tmp = tempfile.NamedTemporaryFile(prefix="nfb-stdin-", suffix=".jsonl", delete=False)
         atexit.register(lambda: os.unlink(tmp.name) if os.path.exists(tmp.name) else None)

@@ -29,6 +29,7 @@ from nfb.errors import UsageError
 from nfb.io import parquet, storage
 from nfb.io.arrow import conform, unify_schemas
 from nfb.io.jsonl import jsonl_lines
+from nfb.io.outputs import temp_path
 from nfb.io.parquet import META_KEY, atomic_parquet, fsync_dir
 
 STDOUT = "-"
@@ -75,9 +76,9 @@ class OutputWriter:
             self._fh: io.BufferedIOBase = sys.stdout.buffer
         else:
             p = Path(path)
-            # a store URL: written here, uploaded in one step when complete (see storage)
-            self._tmp = storage.staging_file(path) if self._remote \
-                else p.with_name(f".{p.name}.tmp")
+            # a store URL: written here, uploaded in one step when complete (see storage);
+            # a local file: a temporary name unique to this process (two writers never share it)
+            self._tmp = storage.staging_file(path) if self._remote else temp_path(p)
             raw = open(self._tmp, "wb")
             self._fh = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) \
                 if self.format == "jsonl.gz" else raw
@@ -121,14 +122,20 @@ class OutputWriter:
         out = Path(self.path)
         if self.format != "parquet":
             side = Path(sidecar_path(self.path))
+            tmp = None
+            if self.metadata is not None:   # written first: a failure leaves OUT as it was
+                tmp = temp_path(side)
+                try:
+                    with open(tmp, "wb") as fh:
+                        fh.write(orjson.dumps(self.metadata, option=orjson.OPT_INDENT_2))
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
             side.unlink(missing_ok=True)        # an old sidecar never describes the new OUT
-            if self.metadata is not None:
+            if tmp is not None:
                 out.unlink(missing_ok=True)     # nor does the new sidecar the old OUT
-                tmp = side.with_name(f".{side.name}.tmp")
-                with open(tmp, "wb") as fh:
-                    fh.write(orjson.dumps(self.metadata, option=orjson.OPT_INDENT_2))
-                    fh.flush()
-                    os.fsync(fh.fileno())
                 os.replace(tmp, side)
         os.replace(self._tmp, self.path)        # the commit point
         fsync_dir(out.parent)
@@ -151,7 +158,11 @@ class OutputWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         """Close on success; on any error remove the temporary file (OUT stays untouched)."""
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException:
+                self.abort()
+                raise
         else:
             self.abort()
 
@@ -164,6 +175,8 @@ class OutputWriter:
         if self._tmp is not None:
             try:
                 self._raw.close()
+            except OSError:
+                pass
             finally:
                 self._tmp.unlink(missing_ok=True)
 

@@ -1042,9 +1042,13 @@ def convert_nemo(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: s
     with (bytes just written, total bytes, tensor name).
     """
     t0 = time.monotonic()
+    from nfb.io.outputs import OutputLock, check_not_source
+
     src_path, out_path = Path(src), Path(out)
+    check_not_source(out_path, {"the checkpoint": src_path, "the tokenizer": tokenizer})
     if out_path.exists() and not overwrite:
         raise ConvertError(f"{out_path} exists (pass --overwrite to replace it)", EXIT_BEFORE)
+    lock = OutputLock(out_path).acquire()   # one convert per output directory
     source = _Source(src_path)
     tmp: Path | None = None
     outs: list[_Out] = []
@@ -1062,9 +1066,7 @@ def convert_nemo(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: s
         out_path.parent.mkdir(parents=True, exist_ok=True)
         _check_space(out_path.parent, total)
 
-        tmp = out_path.parent / f".{out_path.name}.nfb-convert-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = out_path.parent / f".{out_path.name}.nfb-convert-{os.getpid()}-{os.urandom(4).hex()}"
         tmp.mkdir()
         bias = _as_float(info["head_b"], info["head_b"].read())
         recipe = _recipe(arch)
@@ -1091,7 +1093,7 @@ def convert_nemo(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: s
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
         if out_path.exists():  # --overwrite: swap in the new directory, then drop the old
-            old = out_path.parent / f".{out_path.name}.nfb-old-{os.getpid()}"
+            old = out_path.parent / f".{out_path.name}.nfb-old-{os.getpid()}-{os.urandom(4).hex()}"
             os.replace(out_path, old)
             os.replace(tmp, out_path)
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
@@ -1103,6 +1105,11 @@ def convert_nemo(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: s
         raise ConvertError(f"out of memory while converting {src_path} (its largest tensor is "
                            f"{largest / 1e9:.1f} GB; nfb holds one tensor plus one chunk at a "
                            "time): free memory or use a larger machine", EXIT_READING) from None
+    except OSError as e:   # disk full, a folder made read-only: one line
+        from nfb.io.outputs import write_error
+        if tmp is None:
+            raise
+        raise write_error(e, str(out_path)) from None
     else:
         return ConvertResult(
             src=str(src_path), out=str(out_path), recipe=recipe, attributes=attributes,
@@ -1114,6 +1121,7 @@ def convert_nemo(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: s
         source.close()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        lock.release()
 
 
 def _steerlm_names() -> tuple[str, ...]:

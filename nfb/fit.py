@@ -221,21 +221,31 @@ class Fitter:
             ids, n = measure(at(k, text))
             base = n
         else:
-            ids, n = ids_at[k], len_at[k]
+            ids, n = ids_at.get(k), len_at[k]   # (over the budget)
+        if n <= self.budget:
+            return ids, pre + base - n
         spans = _token_spans(self.tokenizer, text)
-        remove = n - self.budget
-        for _ in range(64):
-            if n <= self.budget:
-                return ids, pre + base - n
-            if remove >= len(spans):
-                return self._alone()
-            keep = len(spans) - remove
-            left = (keep + 1) // 2
-            right = keep - left
+
+        def cut(r: int) -> tuple[list[list[int]], int]:
+            keep = len(spans) - r
+            left, right = (keep + 1) // 2, keep // 2
             short = (text[:spans[left - 1][1]] if left else "") + \
                 (text[spans[len(spans) - right][0]:] if right else "")
-            ids, n = measure(at(k, short))
-            remove += max(1, n - self.budget)
+            return measure(at(k, short))
+
+        failed, remove = 0, n - self.budget   # `failed` tokens removed are known too few
+        for _ in range(64):
+            if remove >= len(spans):
+                return self._alone()
+            ids, n = cut(remove)
+            if n <= self.budget:
+                while remove - 1 > failed:   # the seams of a cut: fewer may fit too
+                    ids2, n2 = cut(remove - 1)
+                    if n2 > self.budget:
+                        break
+                    remove, ids, n = remove - 1, ids2, n2
+                return ids, pre + base - n
+            failed, remove = remove, remove + max(1, n - self.budget)
         return self.token_reason(n)
 
     def _alone(self) -> str:

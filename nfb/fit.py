@@ -224,18 +224,15 @@ class Fitter:
             ids, n = ids_at.get(k), len_at[k]   # (over the budget)
         if n <= self.budget:
             return ids, pre + base - n
-        spans = _token_spans(self.tokenizer, text)
+        piece = _Pieces(self.tokenizer, text)
 
         def cut(r: int) -> tuple[list[list[int]], int]:
-            keep = len(spans) - r
-            left, right = (keep + 1) // 2, keep // 2
-            short = (text[:spans[left - 1][1]] if left else "") + \
-                (text[spans[len(spans) - right][0]:] if right else "")
-            return measure(at(k, short))
+            keep = piece.n - r
+            return measure(at(k, piece.ends((keep + 1) // 2, keep // 2)))
 
         failed, remove = 0, n - self.budget   # `failed` tokens removed are known too few
         for _ in range(64):
-            if remove >= len(spans):
+            if remove >= piece.n:
                 return self._alone()
             ids, n = cut(remove)
             if n <= self.budget:
@@ -253,15 +250,26 @@ class Fitter:
                 "the prompt's text left")
 
 
-def _token_spans(tokenizer, text: str) -> list[tuple[int, int]]:
-    """The character span of each token of `text` tokenized on its own."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and getattr(tokenizer, "is_fast", False):
-        return list(backend.encode(text, add_special_tokens=False).offsets)
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    spans, at = [], 0
-    for i in range(len(ids)):   # a slow tokenizer: spans from the decoded prefixes
-        end = len(tokenizer.decode(ids[:i + 1]))
-        spans.append((at, min(end, len(text))))
-        at = spans[-1][1]
-    return spans
+class _Pieces:
+    """A text's first and last tokens (tokenized on its own), as text."""
+
+    def __init__(self, tokenizer, text: str):
+        self.text = text
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and getattr(tokenizer, "is_fast", False):
+            self.spans = list(backend.encode(text, add_special_tokens=False).offsets)
+            self.n = len(self.spans)
+        else:   # a slow tokenizer: the pieces decoded
+            self.spans = None
+            self.tokenizer = tokenizer
+            self.ids = tokenizer.encode(text, add_special_tokens=False)
+            self.n = len(self.ids)
+
+    def ends(self, left: int, right: int) -> str:
+        """The text of the first `left` and the last `right` tokens."""
+        if self.spans is None:
+            dec = self.tokenizer.decode
+            return (dec(self.ids[:left]) if left else "") + \
+                (dec(self.ids[self.n - right:]) if right else "")
+        t, sp = self.text, self.spans
+        return (t[:sp[left - 1][1]] if left else "") + (t[sp[self.n - right][0]:] if right else "")

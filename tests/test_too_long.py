@@ -197,3 +197,103 @@ def test_bad_policy_is_a_usage_error(stub_cli, rm, tmp_path):
     r = stub_cli("score", src, "-o", tmp_path / "o.parquet", "--model", rm,
                  "--too-long", "shorten")
     assert r.exit_code == 2 and "--too-long 'shorten'" in r.output
+
+
+# --- real vLLM: a shortened row scores as the same row shortened by hand ---------------------
+
+F32 = ["--dtype", "float32"]   # test_cli_score's engine settings: the same shared engine
+
+
+def test_truncated_rows_score_as_rows_shortened_by_hand_on_vllm(cli, models, tmp_path):
+    """The tiny reward model's own context (4,096 tokens) is the budget, so the engine is the
+    one test_cli_score starts. Row 0: a prompt over the context (cut in its middle); row 1:
+    a long history (its oldest exchanges dropped); row 2 fits as it is."""
+    from transformers import AutoTokenizer
+
+    rm = models["rm1"]
+    tok = AutoTokenizer.from_pretrained(rm)
+    budget = 4096
+    response = "The answer is a fox, a dog and the sea."
+    prompt = text(4500, 2)
+    long_prompt = [{"role": "user", "content": prompt},
+                   {"role": "assistant", "content": response}]
+    history = []
+    for i in range(4):
+        history += [{"role": "user", "content": text(700, 2 * i)},
+                    {"role": "assistant", "content": text(700, 2 * i + 1)}]
+    final = [{"role": "user", "content": "So which of them is the best?"},
+             {"role": "assistant", "content": response}]
+    fits = [{"role": "user", "content": "Tell me about the sun."},
+            {"role": "assistant", "content": "It is a star."}]
+    rows = [{"messages": long_prompt}, {"messages": [*history, *final]}, {"messages": fits}]
+    # by hand, with transformers: the fewest tokens cut from the prompt's middle, and the
+    # fewest oldest exchanges dropped, that fit
+    over = len(ids_of(tok, long_prompt)) - budget
+    assert over > 0
+    removed = next(r for r in range(max(1, over - 10), over + 50)
+                   if len(ids_of(tok, [{"role": "user", "content": middle_cut(tok, prompt, r)},
+                                       long_prompt[1]])) <= budget)
+    hand0 = [{"role": "user", "content": middle_cut(tok, prompt, removed)}, long_prompt[1]]
+    drop = next(k for k in range(1, 5) if len(ids_of(tok, [*history[2 * k:], *final])) <= budget)
+    assert 0 < drop < 4             # some, not all, of the history goes
+    hand1 = [*history[2 * drop:], *final]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "o.parquet"
+    r = cli("score", src, "-o", out, "--model", rm, "--messages-field", "messages",
+            "--too-long", "truncate", *F32)
+    assert r.exit_code == 0, r.output
+    got = read(out)
+    assert [g["nfb_error"] for g in got] == [None, None, None]
+    assert got[0]["nfb_truncated"] == len(ids_of(tok, long_prompt)) - len(ids_of(tok, hand0))
+    assert got[1]["nfb_truncated"] == (len(ids_of(tok, [*history, *final]))
+                                       - len(ids_of(tok, hand1)))
+    assert got[2]["nfb_truncated"] is None
+    hand = write_jsonl(tmp_path / "hand.jsonl", [{"messages": hand0}, {"messages": hand1},
+                                                 {"messages": fits}])
+    ref = tmp_path / "ref.parquet"
+    r = cli("score", hand, "-o", ref, "--model", rm, "--messages-field", "messages", *F32)
+    assert r.exit_code == 0, r.output
+    want = read(ref)
+    assert all(w["nfb_error"] is None for w in want)
+    for g, w in zip(got, want):
+        assert g["reward"] == pytest.approx(w["reward"], abs=1e-5)
+    # and the default policy: the same long rows are error rows
+    r = cli("score", src, "-o", tmp_path / "e.parquet", "--model", rm, "--messages-field",
+            "messages", *F32)
+    errs = [g["nfb_error"] for g in read(tmp_path / "e.parquet")]
+    assert errs[0].startswith("prompt_too_long:") and errs[1].startswith("prompt_too_long:")
+    assert errs[2] is None
+
+
+# --- the character bound (pure) ---------------------------------------------------------------
+
+def test_the_character_bound_never_refuses_a_row_that_fits(tok):
+    """Soundness: no text has more characters than (tokens x the bound per token), for
+    texts built to pack many characters into few tokens (the longest entries, special
+    tokens, multi-byte characters, whitespace)."""
+    import random
+
+    from nfb.fit import chars_per_token
+    per = chars_per_token(tok)
+    vocab = sorted(tok.get_vocab(), key=len)
+    assert per == len(vocab[-1]) == len("<|start_header_id|>")
+    rng = random.Random(0)
+    pieces = ["<|start_header_id|>", "<|eot_id|>", " photosynthesis", "漢字", "😀", "\n\n",
+              "  ", "é", "Paris", "0123456789", " the"]
+    for _ in range(300):
+        s = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 60)))
+        n = len(tok(s, add_special_tokens=False)["input_ids"])
+        assert len(s) <= per * n
+
+
+def test_normalizers_the_bound_knows():
+    from nfb.fit import _normalizer_factor
+    assert _normalizer_factor(None) == 1
+    assert _normalizer_factor({"type": "NFC"}) == 4                 # Qwen's tokenizers
+    assert _normalizer_factor({"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}) == 1   # Llama 2
+    # one that may remove characters outright: no bound (rows always rendered)
+    assert _normalizer_factor({"type": "BertNormalizer", "strip_accents": True}) is None
+    assert _normalizer_factor({"type": "Replace", "pattern": {"Regex": r"\s+"},
+                               "content": " "}) is None

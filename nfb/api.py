@@ -21,6 +21,7 @@ from dataclasses import replace
 from nfb.config import EngineConfig, RunConfig, SamplingConfig, Shard
 from nfb.errors import UsageError
 from nfb.filters import filter_rows as filter  # noqa: A001,F401
+from nfb.io.storage import is_url
 from nfb.merge import merge  # noqa: F401
 from nfb.pipeline import Progress, RunResult, run
 from nfb.stats import stats  # noqa: F401
@@ -99,8 +100,11 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
     if engine_restarts and "-" in files:
         raise UsageError("--engine-restarts needs input files: stdin cannot be read again "
                          "after an engine restart")
-    if output != "-" and any(os.path.abspath(f) == os.path.abspath(output) for f in files):
+    if output != "-" and any(_same_path(f, output) for f in files):
         raise UsageError(f"the output {output} is also an input")
+    if is_url(output):
+        from nfb.io.storage import check_output
+        check_output(output)
     engine_cfg = EngineConfig(
         model=model, revision=revision, tensor_parallel_size=tensor_parallel_size,
         max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
@@ -115,6 +119,12 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
         limit=limit, shard=Shard.parse(shard) if isinstance(shard, str) else shard,
         prefix=prefix, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
         batch_rows=batch_rows, too_long=too_long, max_line_bytes=max_line_bytes)
+
+
+def _same_path(a: str, b: str) -> bool:
+    if is_url(a) or is_url(b):
+        return a == b
+    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _fields(prompt_field: str, response_field: str | Sequence[str] | None,
@@ -198,6 +208,7 @@ def feedback(
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
     too_long: str = "error", max_line_bytes: int | None = None,
+    dry_run: bool = False, card: bool = False,
     progress: Progress | None = None, log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Judge each response with a generative feedback model: `feedback` (text),
@@ -222,7 +233,25 @@ def feedback(
         max_line_bytes=max_line_bytes, log=log)
     _check_context(cfg, max_tokens)
     task = FeedbackTask(sampling, recipe=_recipe("feedback", model, cfg.engine.model, None, log))
-    return run(cfg, for_fields(task, cfg), progress=progress, log=log)
+    return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log)
+
+
+def _go(cfg: RunConfig, task, dry_run: bool, card: bool, progress: Progress | None,
+        log: Callable[[str], None]):
+    """Run the task (or, with dry_run, plan it: `nfb.dryrun.DryRunResult`, no engine);
+    with card, write the dataset card beside the finished output."""
+    if dry_run:
+        from nfb.dryrun import dry_run as plan
+        return plan(cfg, task, log=log)
+    if card:
+        from nfb.card import check_card
+        check_card(cfg.output)
+    result = run(cfg, task, progress=progress, log=log)
+    if card:
+        from nfb.card import write_card
+        result.card = write_card(cfg.output)
+        log(f"dataset card: {result.card}")
+    return result
 
 
 def _recipe(verb: str, name: str, model_dir: str, recipe: str | None,
@@ -253,6 +282,7 @@ def judge(
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
     too_long: str = "error", max_line_bytes: int | None = None,
+    dry_run: bool = False, card: bool = False,
     progress: Progress | None = None, log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Judge each row with a generative reward model (GenRM): it reasons, then scores.
@@ -288,7 +318,7 @@ def judge(
     _check_judge_template(cfg.engine.model, revision, trust_remote_code, len(names))
     task = JudgeTask(sampling, fields=tuple(names), recipe=found,
                      context_limit=found.context_limit if found else None)
-    return run(cfg, task, progress=progress, log=log)
+    return _go(cfg, task, dry_run, card, progress, log)
 
 
 def _judge_recipe(name: str, model_dir: str, recipe: str | None, responses: int,
@@ -341,6 +371,7 @@ def score(
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
     too_long: str = "error", max_line_bytes: int | None = None,
+    dry_run: bool = False, card: bool = False,
     progress: Progress | None = None, log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Score each conversation with a reward model: one float column per head (attribute)
@@ -381,7 +412,7 @@ def score(
     if getattr(task, "principles", None) is not None:
         # every principle of a row repeats the conversation: cache the shared prefix
         cfg = replace(cfg, engine=replace(cfg.engine, enable_prefix_caching=True))
-    return run(cfg, for_fields(task, cfg), progress=progress, log=log)
+    return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log)
 
 
 def __getattr__(name: str):

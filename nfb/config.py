@@ -105,6 +105,9 @@ class RunConfig:
 def _input_identity(path: str) -> dict:
     if path == "-":
         return {"path": "-"}
+    from nfb.io import storage
+    if storage.is_url(path):
+        return storage.identity(path)
     st = os.stat(path)
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 

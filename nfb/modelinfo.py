@@ -55,13 +55,25 @@ def read_model_info(model: str, revision: str | None, trust_remote_code: bool) -
     return ModelInfo(archs, num, id2label, getattr(text, "max_position_embeddings", None))
 
 
+MAX_CONFIG_JSON = 64 * 2**20  # a config.json past this is not read (a real one is KBs)
+
+
 def read_config_json(model: str) -> dict:
-    """A local model directory's config.json as it is ({} when there is none to read)."""
+    """A local model directory's config.json as it is ({} when there is none to read: missing,
+    not a regular file, over MAX_CONFIG_JSON bytes, or not a JSON object)."""
+    import stat
+
     import orjson
 
+    path = os.path.join(os.path.expanduser(model), "config.json")
     try:
-        with open(os.path.join(os.path.expanduser(model), "config.json"), "rb") as fh:
-            cfg = orjson.loads(fh.read())
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open
+            return {}
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_JSON + 1)
+        if len(data) > MAX_CONFIG_JSON:
+            return {}
+        cfg = orjson.loads(data)
     except (OSError, ValueError):
         return {}
     return cfg if isinstance(cfg, dict) else {}
@@ -80,9 +92,27 @@ def read_tokenizer(model: str, revision: str | None, trust_remote_code: bool):
 
 
 def read_nfb_key(model: str) -> dict | None:
-    """The `nfb` key that `nfb convert` writes into a converted model's config.json."""
+    """The `nfb` key that `nfb convert` writes into a converted model's config.json, its
+    fields nfb acts on checked (a model folder is untrusted input): `head_bias` a list of
+    finite numbers, `prompt_format` "chat" or "steerlm", `recipe` a string."""
+    import math
+
     value = read_config_json(model).get("nfb")
-    return value if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        return None
+    bias, fmt, recipe = value.get("head_bias"), value.get("prompt_format"), value.get("recipe")
+    if bias is not None and not (isinstance(bias, list) and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+            for b in bias)):
+        raise ConfigError(f"{model}: config.json's nfb.head_bias is {bias!r:.60}, not a list of "
+                          "numbers; convert the checkpoint again")
+    if fmt is not None and fmt not in ("chat", "steerlm"):
+        raise ConfigError(f"{model}: config.json's nfb.prompt_format is {fmt!r:.60}, not chat "
+                          "or steerlm; convert the checkpoint again")
+    if recipe is not None and not isinstance(recipe, str):
+        raise ConfigError(f"{model}: config.json's nfb.recipe is {recipe!r:.60}, not a name; "
+                          "convert the checkpoint again")
+    return value
 
 
 def token_classifier_overrides(model: str, tokens: list[str], trust_remote_code: bool,

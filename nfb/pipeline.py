@@ -32,6 +32,7 @@ from nfb.engines.base import Engine
 from nfb.errors import EngineDied, UsageError
 from nfb.fit import Fitter, prompt_chars
 from nfb.io.readers import STDIN, Chunk, count_rows, input_columns, input_schema, read_chunks
+from nfb.io.storage import is_url
 from nfb.io.writers import STDOUT, OutputWriter, PartWriter, merge_tables, read_metadata
 from nfb.prompts import render
 from nfb.records import to_conversation
@@ -57,6 +58,7 @@ class RunResult:
     seconds: float = 0.0              # wall time of this invocation
     load_seconds: float = 0.0         # of which: starting the engine (loading the model)
     already_done: bool = False
+    card: str | None = None           # the dataset card written beside the output (--card)
 
     @property
     def error_rows(self) -> int:
@@ -249,9 +251,16 @@ def prepare(cfg: RunConfig, task: Task) -> tuple[str, dict]:
     return meta["fingerprint"], meta
 
 
+def output_exists(path: str) -> bool:
+    if is_url(path):
+        from nfb.io import storage
+        return storage.exists(path)
+    return os.path.exists(path)
+
+
 def finished_result(cfg: RunConfig, fp: str) -> RunResult | None:
     """The result of an earlier, finished run of the same command, if OUT holds one."""
-    if cfg.output == STDOUT or cfg.overwrite or not os.path.exists(cfg.output):
+    if cfg.output == STDOUT or cfg.overwrite or not output_exists(cfg.output):
         return None
     wd = WorkDir(cfg.output)
     if STDIN in cfg.inputs:

@@ -143,3 +143,60 @@ def print_summary(console: Console, result: RunResult, task: str) -> None:
             h.add_row(f"{lv} {LABELS[lv]}", f"{n:,}", "█" * round(30 * n / top))
         h.add_row("unparsed", f"{unparsed:,}", "█" * round(30 * unparsed / top))
         console.print(h)
+
+
+def print_plan(plan, as_json: bool) -> None:
+    """`--dry-run`'s report on stdout: one JSON object, or tables."""
+    import sys
+
+    import orjson
+
+    s = plan.summary()
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(s) + b"\n")
+        sys.stdout.flush()
+        return
+    out = Console(soft_wrap=True)
+    out.print(f"nfb {s['task']} --dry-run: {s['output']} (no engine started)", style="bold")
+    t = Table(show_header=False)
+    t.add_column("what", style="bold")
+    t.add_column("value", justify="right")
+    tok = s["prompt_tokens"]
+    t.add_row("rows", f"{s['rows']:,}")
+    t.add_row("requests", f"{s['requests']:,}")
+    if s["sequences"]:
+        t.add_row("generated sequences", f"{s['sequences']:,} (at most {s['max_tokens']:,} "
+                  "tokens each)")
+    t.add_row("prompt tokens", f"{tok['total']:,}")
+    if tok["mean"] is not None:
+        t.add_row("  per request: mean / p50 / p99 / max",
+                  f"{tok['mean']:,.1f} / {tok['p50']:,.0f} / {tok['p99']:,.0f} / {tok['max']:,}")
+    t.add_row("prompt budget", f"{s['prompt_budget']:,} of {s['max_model_len']:,} tokens")
+    t.add_row("rows with errors", f"{s['error_rows']:,}")
+    for code, n in s["errors"].items():
+        t.add_row(f"  {code}", f"{n:,}")
+    t.add_row("this dry run", f"{s['seconds']:,.1f} s")
+    out.print(t)
+    est = s["estimate"]
+    if not est["gpus_table"]:
+        out.print("engine time: no estimate (the config gives no model size)")
+        return
+    p = est["params"]
+    size = f"{p / 1e9:,.1f} B" if p >= 1e9 else f"{p / 1e6:,.1f} M"
+    e = Table(title=f"engine time estimate ({size} parameters, {est['gpus']} GPU(s))",
+              title_justify="left")
+    for col in ("GPU", "rates", "prefill", "decode (at most)", "total (at most)"):
+        e.add_column(col, justify="left" if col in ("GPU", "rates") else "right")
+    for r in est["gpus_table"]:
+        e.add_row(r["gpu"], r["source"], _dur(r["prefill_s"]), _dur(r["decode_s_at_most"]),
+                  _dur(r["engine_s_at_most"]))
+    out.print(e)
+    out.print(f"[dim]{est['assumptions']}[/]")
+
+
+def _dur(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:,.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:,.1f} min"
+    return f"{seconds / 3600:,.1f} h"

@@ -29,6 +29,10 @@ from nfb.errors import ResumeError  # noqa: E402,F401
 
 
 def workdir_for(output: str) -> Path:
+    from nfb.io import storage
+
+    if storage.is_url(output):   # a store output's work stays local (see nfb.io.storage)
+        return storage.local_home(output) / (os.path.basename(output) + ".nfb")
     p = Path(output)
     return p.with_name(p.name + ".nfb")
 
@@ -36,6 +40,7 @@ def workdir_for(output: str) -> Path:
 class WorkDir:
     def __init__(self, output: str):
         self.path = workdir_for(output)
+        self.output = output
 
     @property
     def exists(self) -> bool:
@@ -137,3 +142,6 @@ class WorkDir:
             except OSError:
                 shutil.rmtree(self.path, ignore_errors=True)
         self.remove_trash()
+        from nfb.io import storage
+        if storage.is_url(self.output):
+            storage.tidy_home(self.output)

@@ -57,7 +57,12 @@ def _root(
 
 
 def fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    """Print the one `error:` line: the message as text (names from hostile input may hold
+    rich markup, newlines or terminal escapes: shown escaped, never interpreted)."""
+    from rich.markup import escape
+
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    err.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)
     return typer.Exit(code)
 
 

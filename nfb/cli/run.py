@@ -84,6 +84,15 @@ OUTPUT_OPTIONS = {
     "checkpoint_every": (_opt(float, "Seconds between checkpoints at most (also one per 50,000 "
                               "rows).", _OUT, min=0.0), 30.0),
     "quiet": (_opt(bool, "No progress bar or summary.", _OUT, "--quiet", "-q"), False),
+    "card": (_opt(bool, "Write a dataset card (README.md with YAML metadata: model, recipe, "
+                  "columns, counts, levels or score quantiles) beside the output, ready to "
+                  "push to the Hugging Face Hub.", _OUT), False),
+    "dry_run": (_opt(bool, "Plan the run, start no engine: read, validate, template and "
+                     "tokenize every row as a run does, then report rows, requests, prompt "
+                     "tokens, the error rows a run would write, and an engine-time estimate. "
+                     "Needs the tokenizer and config only.", _OUT), False),
+    "json": (_opt(bool, "With --dry-run: print the plan as one JSON object on stdout.", _OUT),
+             False),
 }
 RUN_OPTIONS = (INPUT_OPTIONS, ENGINE_OPTIONS, OUTPUT_OPTIONS)
 # judge: one response or two, compared in one prompt (no list field)
@@ -108,7 +117,16 @@ def _run(call, task: str, options: dict) -> None:
     from nfb.progress import RichProgress, print_summary
 
     quiet, strict = options.pop("quiet"), options.pop("strict")
-    log = (lambda _m: None) if quiet else (lambda m: err.print(m))
+    as_json = options.pop("json")
+    if as_json and not options.get("dry_run"):
+        from nfb.errors import UsageError
+        raise UsageError("--json goes with --dry-run (for a finished run: nfb stats --json)")
+    log = (lambda _m: None) if quiet or as_json else (lambda m: err.print(m))
+    if options.get("dry_run"):
+        from nfb.progress import print_plan
+        plan = call(**options, log=log)
+        print_plan(plan, as_json)
+        return
     result = call(**options, progress=RichProgress(err, enabled=not quiet), log=log)
     if not quiet:
         print_summary(err, result, task)

@@ -34,6 +34,7 @@ import orjson
 import pyarrow as pa
 
 from nfb.errors import InputError
+from nfb.io import storage
 from nfb.io.arrow import JSON, is_json_field, json_default, json_text, rows_to_table
 from nfb.io.base import STDIN, Chunk
 
@@ -102,7 +103,12 @@ def _zstd():
 def check_readable(path: str) -> None:
     """Raise InputError now for what would fail later: a file whose name promises a codec
     its bytes do not have, or zstd data without `zstandard`."""
-    if path == STDIN:
+    if path == STDIN or not detect(path):
+        return
+    if storage.is_url(path):   # not read ahead from a store: its name decides until read
+        if compression(path) == "zst" and _zstd() is None:
+            raise InputError(f"{path}: reading .zst files needs the `zstandard` package "
+                             "(pip install zstandard)")
         return
     try:
         with open(path, "rb") as fh:
@@ -128,6 +134,8 @@ class Stream:
     def _raw(self):
         if self.path == STDIN:
             return sys.stdin.buffer
+        if storage.is_url(self.path):
+            return storage.open_input(self.path)   # streamed from the store
         try:
             return open(self.path, "rb")
         except OSError as e:

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nfb.errors import InputError
+from nfb.io import storage
 from nfb.io.arrow import empty_rows
 from nfb.io.base import Chunk, slice_chunks
 
@@ -37,7 +38,7 @@ def _open(path: str) -> pq.ParquetFile | None:
     """The file, or None when its footer cannot be read (raises InputError if it cannot be
     opened at all)."""
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(storage.source(path))
     except (FileNotFoundError, PermissionError) as e:
         raise InputError(f"{path}: {e.strerror or e}") from e
     except (OSError, pa.ArrowException, ValueError, TypeError):
@@ -198,7 +199,7 @@ def atomic_parquet(table: pa.Table, path: Path, metadata: dict | None = None) ->
 def read_metadata(path: str) -> dict | None:
     """The nfb provenance in a Parquet file's footer, or None."""
     try:
-        raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
+        raw = (pq.read_schema(storage.source(path)).metadata or {}).get(META_KEY)
         return orjson.loads(raw) if raw else None
     except (OSError, ValueError, pa.ArrowException):
         return None

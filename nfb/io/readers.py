@@ -1,4 +1,5 @@
-"""Stream input rows from JSONL(.gz/.zst), Parquet, globs, directories and stdin.
+"""Stream input rows from JSONL(.gz/.zst), Parquet, `datasets` save_to_disk directories
+(Arrow), globs, directories, stdin and object stores (s3://..., see `nfb.io.storage`).
 
 Rows come out in chunks of bounded size with a stable, global row number (`nfb_row`): the
 n-th row of the n-th file keeps its number between runs and whatever the batch size, which
@@ -24,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from nfb.errors import InputError
-from nfb.io import jsonl, parquet
+from nfb.io import hfdisk, jsonl, parquet, storage
 from nfb.io.arrow import unify_schemas
 from nfb.io.base import STDIN, Chunk
 
@@ -43,13 +44,15 @@ def input_format(path: str) -> str:
         return "parquet"
     if jsonl.detect(path):
         return "jsonl"
+    if hfdisk.detect(path):
+        return "arrow"
     raise InputError(
-        f"{path}: unknown input format; nfb reads .jsonl, .jsonl.gz, .jsonl.zst and .parquet "
-        "(or '-' for JSONL on stdin)")
+        f"{path}: unknown input format; nfb reads .jsonl, .jsonl.gz, .jsonl.zst, .parquet and "
+        "datasets' save_to_disk directories (or '-' for JSONL on stdin)")
 
 
 def _module(path: str):
-    return parquet if input_format(path) == "parquet" else jsonl
+    return {"parquet": parquet, "arrow": hfdisk}.get(input_format(path), jsonl)
 
 
 def _dir_files(root: Path) -> list[str]:
@@ -130,6 +133,9 @@ def resolve_inputs(specs: list[str]) -> list[str]:
         if spec == STDIN:
             files.append(STDIN)
             continue
+        if storage.is_url(spec):   # s3://, gs://, hf://...: globs and prefixes as directories
+            files.extend(_url_files(spec))
+            continue
         if any(c in spec for c in "*?["):
             matches = glob_files(spec)
             if not matches:
@@ -137,7 +143,10 @@ def resolve_inputs(specs: list[str]) -> list[str]:
             files.extend(matches)
             continue
         p = Path(spec)
-        if p.is_dir():
+        saved = hfdisk.dataset_files(spec, os.path.exists) if p.is_dir() else None
+        if saved is not None:   # written by datasets' save_to_disk
+            files.extend(saved)
+        elif p.is_dir():
             found = _dir_files(p)
             if not found:
                 raise InputError(f"{spec}: the directory holds no .jsonl/.jsonl.gz/.parquet file")
@@ -152,10 +161,22 @@ def resolve_inputs(specs: list[str]) -> list[str]:
         raise InputError("'-' (stdin) cannot be combined with other inputs")
     for f in unique:
         input_format(f)
-        if f != STDIN and not os.access(f, os.R_OK):
+        if storage.is_url(f):
+            storage.check_file(f)   # denied or unreachable: now, not mid-run
+        elif f != STDIN and not os.access(f, os.R_OK):
             raise InputError(f"{f}: permission denied")
         jsonl.check_readable(f)
     return unique
+
+
+def _url_files(spec: str) -> list[str]:
+    """The input files a store URL stands for (a save_to_disk prefix included)."""
+    if not any(c in spec for c in "*?[") and not spec.lower().endswith(
+            JSONL_SUFFIXES + PARQUET_SUFFIXES + hfdisk.SUFFIXES):
+        saved = hfdisk.dataset_files(spec, storage.exists)
+        if saved is not None:
+            return saved
+    return storage.expand(spec, JSONL_SUFFIXES + PARQUET_SUFFIXES)
 
 
 def read_chunks(files: list[str], batch_rows: int = 1024,
@@ -170,7 +191,7 @@ def read_chunks(files: list[str], batch_rows: int = 1024,
         if input_format(path) == "jsonl":
             chunks = jsonl.read_chunks(path, row, batch_rows, max_line_bytes)
         else:
-            chunks = parquet.read_chunks(path, row, batch_rows)
+            chunks = _module(path).read_chunks(path, row, batch_rows)
         for chunk in chunks:
             row += len(chunk)
             yield chunk
@@ -213,8 +234,8 @@ def input_schema(files: list[str]) -> pa.Schema:
     file whole (see `input_columns`)."""
     schemas = []
     for f in files:
-        if f != STDIN and input_format(f) == "parquet":
-            s = parquet.schema(f)
+        if f != STDIN and input_format(f) in ("parquet", "arrow"):
+            s = _module(f).schema(f)
             if s is not None:
                 schemas.append(s)
     s = unify_schemas(schemas)

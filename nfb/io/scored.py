@@ -6,7 +6,9 @@ not a traceback), unifies their schemas with nfb's own rules, and opens an in-pr
 connection with one view, `scored`, over all of them (Parquet read in place; JSONL read once
 by nfb's reader, every key of every row, and spooled to a temporary Parquet file, so values
 keep the types nfb gave them). Once the view exists the connection may read only those files:
-external access is switched off, so an expression cannot open any other file.
+external access is switched off, so an expression cannot open any other file. Files on a
+store (s3://...) are streamed like local ones; for the view, a store's Parquet file is
+downloaded to the view's temporary directory first (JSONL is spooled as always).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nfb.io.readers import InputError, input_format, read_chunks, resolve_inputs
+from nfb.io.storage import download, is_url, source
 from nfb.io.writers import read_metadata
 
 VIEW = "scored"
@@ -43,9 +46,10 @@ def scored_files(specs: list[str]) -> list[str]:
 
 def _parquet(path: str) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(source(path))
     except (OSError, pa.ArrowException) as e:
-        reason = "an empty file" if os.path.exists(path) and os.path.getsize(path) == 0 \
+        reason = "an empty file" if not is_url(path) and os.path.exists(path) \
+            and os.path.getsize(path) == 0 \
             else str(e).splitlines()[0]
         raise InputError(f"{path}: not a readable Parquet file ({reason})") from None
 
@@ -123,7 +127,8 @@ class ScoredView:
                 if input_format(f) == "parquet":
                     pf = _parquet(f)
                     schemas.append(pf.schema_arrow.remove_metadata())
-                    paths.append(os.path.abspath(f))
+                    # DuckDB reads local files only: a store's is downloaded first
+                    paths.append(download(f, self._tmp) if is_url(f) else os.path.abspath(f))
                     continue
                 s = file_schema(f)   # JSONL: first pass for the schema, second to spool
                 schemas.append(s)

@@ -26,7 +26,7 @@ import orjson
 import pyarrow as pa
 
 from nfb.errors import UsageError
-from nfb.io import parquet
+from nfb.io import parquet, storage
 from nfb.io.arrow import conform, unify_schemas
 from nfb.io.jsonl import jsonl_lines
 from nfb.io.parquet import META_KEY, atomic_parquet, fsync_dir
@@ -69,12 +69,15 @@ class OutputWriter:
         self.metadata = metadata
         self.rows = 0
         self._pq = None
+        self._remote = storage.is_url(path)
         if path == STDOUT:
             self._tmp = None
             self._fh: io.BufferedIOBase = sys.stdout.buffer
         else:
             p = Path(path)
-            self._tmp = p.with_name(f".{p.name}.tmp")
+            # a store URL: written here, uploaded in one step when complete (see storage)
+            self._tmp = storage.staging_file(path) if self._remote \
+                else p.with_name(f".{p.name}.tmp")
             raw = open(self._tmp, "wb")
             self._fh = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) \
                 if self.format == "jsonl.gz" else raw
@@ -109,6 +112,12 @@ class OutputWriter:
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
+        if self._remote:
+            try:
+                self._upload()
+            finally:
+                self._tmp.unlink(missing_ok=True)
+            return
         out = Path(self.path)
         if self.format != "parquet":
             side = Path(sidecar_path(self.path))
@@ -123,6 +132,18 @@ class OutputWriter:
                 os.replace(tmp, side)
         os.replace(self._tmp, self.path)        # the commit point
         fsync_dir(out.parent)
+
+    def _upload(self) -> None:
+        """The store's commit point: one PUT of the whole file (JSONL: its sidecar first,
+        after removing an old OUT, as for a local output)."""
+        if self.format != "parquet":
+            side = sidecar_path(self.path)
+            storage.remove(side)
+            if self.metadata is not None:
+                storage.remove(self.path)
+                storage.write_bytes(side, orjson.dumps(self.metadata,
+                                                       option=orjson.OPT_INDENT_2))
+        storage.upload(self._tmp, self.path)
 
     def __enter__(self) -> OutputWriter:
         return self
@@ -160,6 +181,12 @@ def read_metadata(path: str) -> dict | None:
         return None
     if fmt == "parquet":
         return parquet.read_metadata(path)
+    if storage.is_url(path):
+        raw = storage.read_bytes(sidecar_path(path))
+        try:
+            return orjson.loads(raw) if raw else None
+        except ValueError:
+            return None
     try:
         side = Path(sidecar_path(path))
         return orjson.loads(side.read_bytes()) if side.exists() else None

@@ -19,9 +19,25 @@ What it reads, and where each fact comes from
   (zarr v2). nfb reads them itself (no zarr, NeMo or Megatron), bf16 as uint16 bit patterns.
 * **torch_dist** backend (PyTorch DCP `.distcp` files), read through
   `torch.distributed.checkpoint`, whose `.metadata` file is a pickle: nfb reads it with an
-  allow-list unpickler (DCP's own metadata classes, torch dtypes and sizes only).
+  allow-list unpickler (exact (module, name) pairs: DCP's own metadata classes, torch dtypes
+  and sizes; no dotted names, nothing else) and checks before any tensor is read.
 * `*._extra_state` entries (Transformer Engine FP8 state, pickled) and `common.pt` are skipped,
   never unpickled.
+
+What it trusts (a checkpoint is untrusted input; each refusal is one ConvertError line)
+-----------------------------------------------------------------------------------------
+* Nothing runs: no pickle but DCP's `.metadata` is opened, and that one through the
+  allow-list; `model_config.yaml` is read with `yaml.safe_load`.
+* Nothing outside the checkpoint is read: tar members that are links, devices, FIFOs or
+  sparse, or whose names climb out, are refused; in a folder, files must be regular and
+  really inside it (symlinks out are refused, except into the Hub cache's `blobs/` for a
+  snapshot folder); zarr chunk names are integer indices joined by "." or "/" only; DCP data
+  files are plain names in the folder.
+* Memory is bounded by the model config, not by the bytes: small files are size-checked from
+  the tar header or stat before reading (MAX_SMALL_FILE, MAX_DCP_METADATA, MAX_TAR_HEADER),
+  `.zarray` shapes/chunks/dtype/compressor/separator are validated, every tensor's shape is
+  checked against `model_config.yaml`, the embedding's padding is bounded, and every chunk or
+  data file must have the size its metadata implies before any is read.
 
 Tensor layout (mcore GPT with Transformer Engine's fused norms; layers stacked on dim 0):
 * `decoder.layers.self_attention.linear_qkv.weight`: per query group, that group's query heads,
@@ -49,13 +65,16 @@ from __future__ import annotations
 
 import io
 import json
+import lzma
 import math
 import os
 import pickle
 import shutil
+import stat
 import struct
 import tarfile
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,48 +139,167 @@ class ConvertResult:
 
 # ----------------------------------------------------------------------------- the source
 
+# A checkpoint is untrusted input (people convert folders downloaded from the Hub): these
+# bound what nfb reads before it has checked it, each a one-line ConvertError past it.
+MAX_SMALL_FILE = 4 * 2**20       # model_config.yaml, metadata.json, a .zarray
+MAX_DCP_METADATA = 64 * 2**20    # torch_dist's .metadata pickle
+MAX_TAR_MEMBERS = 1_000_000      # members of a .nemo tar
+MAX_TAR_HEADER = 2**20           # a GNU long name or pax header (tarfile reads it whole)
+MAX_CHUNKS = 1_000_000           # chunk files of one zarr array
+MAX_NDIM, MAX_DIM = 8, 2**48     # dimensions of a tensor, and the size of each
+MAX_CONFIG_NODES = 100_000       # values in model_config.yaml once YAML aliases are expanded
+MAX_VOCAB_PADDING = 2**16        # embedding rows past the tokenizer's (or as many as it has)
+_READ_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error, lzma.LZMAError)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return (text or type(e).__name__)[:200]
+
+
+def _allowed_roots(path: Path) -> tuple[str, ...]:
+    """Where the files of a checkpoint folder may really live: inside it, and, for a folder in
+    a Hugging Face cache snapshot (`models--org--name/snapshots/REV/`, whose files are
+    symlinks to `../../blobs/SHA`), that cache repository's `blobs/` folder."""
+    roots = [os.path.realpath(path)]
+    for p in (Path(os.path.abspath(path)), Path(roots[0])):
+        for a in (p, *p.parents):
+            if a.name == "snapshots" and (a.parent / "blobs").is_dir():
+                roots.append(os.path.realpath(a.parent / "blobs"))
+    return tuple(dict.fromkeys(roots))
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a GNU long-name or pax extended header into memory whole, at the size
+    its header claims (16 GiB would be a MemoryError): bound it first."""
+
+    def _proc_member(self, tarfile_):
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                         tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) and self.size > MAX_TAR_HEADER:
+            raise _HugeTarHeader(f"a tar header (type {self.type!r}) of {self.size} bytes, "
+                                 f"more than the {MAX_TAR_HEADER >> 20} MiB nfb reads")
+        return super()._proc_member(tarfile_)
+
+
+class _HugeTarHeader(Exception):
+    pass
+
 
 class _Source:
-    """A `.nemo` tar or an unpacked folder, read by relative path, never extracted."""
+    """A `.nemo` tar or an unpacked folder, read by relative path, never extracted.
+
+    Only regular files are read. A tar's symlinks, hard links, devices, FIFOs, sparse members
+    and names that climb out (absolute, `..`) are refused when it is opened (NeMo writes
+    none). In a folder, a file that is not regular (a FIFO would block) or whose real path
+    lies outside the checkpoint (a symlink out; the Hub cache's blobs excepted) is refused.
+    Sizes are known (tar header, stat) before a byte is read."""
 
     def __init__(self, path: Path):
         self.path = path
         self.tar: tarfile.TarFile | None = None
         self.members: dict[str, tarfile.TarInfo] = {}
-        if path.is_file():
-            try:
-                self.tar = tarfile.open(path, "r:*")
-                for m in self.tar.getmembers():
-                    if m.isfile():
-                        name = m.name[2:] if m.name.startswith("./") else m.name
-                        self.members[name] = m
-            except (tarfile.TarError, OSError) as e:
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise ConvertError(f"{path}: not a NeMo checkpoint (a .nemo tar or its unpacked "
-                                   f"folder): {first.rstrip(':')}", EXIT_BEFORE) from None
+        self._roots: tuple[str, ...] = ()
+        if not path.is_file():
+            self._roots = _allowed_roots(path)
+            return
+        try:
+            self.tar = tarfile.open(path, "r:*", tarinfo=_BoundedTarInfo)
+            while (m := self.tar.next()) is not None:
+                if len(self.tar.members) > MAX_TAR_MEMBERS:
+                    raise ConvertError(f"{path}: more than {MAX_TAR_MEMBERS} tar members: not a "
+                                       "NeMo checkpoint", EXIT_BEFORE)
+                self._add(m)
+        except ConvertError:
+            self.close()
+            raise
+        except (*_READ_ERRORS, MemoryError, _HugeTarHeader) as e:
+            self.close()
+            raise ConvertError(f"{path}: not a NeMo checkpoint (a .nemo tar or its unpacked "
+                               f"folder): {_first_line(e).rstrip(':')}", EXIT_BEFORE) from None
+
+    def _add(self, m: tarfile.TarInfo) -> None:
+        parts = [p for p in m.name.split("/") if p not in ("", ".")]
+        if m.name.startswith("/") or ".." in parts or "\\" in m.name or "\0" in m.name:
+            raise ConvertError(f"{self.path}: tar member {m.name!r:.200} climbs out of the archive "
+                               "(an absolute path or '..'): not a checkpoint nfb reads",
+                               EXIT_BEFORE)
+        if m.isdir():
+            return
+        kind = (f"a symlink (to {m.linkname!r:.100})" if m.issym()
+                else f"a hard link (to {m.linkname!r:.100})" if m.islnk()
+                else "a device or FIFO" if m.isdev()
+                else "a sparse file" if m.issparse()
+                else f"of tar type {m.type!r}" if not m.isreg() else None)
+        if kind:
+            raise ConvertError(f"{self.path}: tar member {'/'.join(parts):.200} is {kind}; nfb "
+                               "reads only the regular files of a .nemo (NeMo writes no others)",
+                               EXIT_BEFORE)
+        self.members["/".join(parts)] = m
 
     def close(self) -> None:
         if self.tar is not None:
             self.tar.close()
 
+    def _local(self, rel: str) -> tuple[Path, int] | None:
+        """A folder's regular file `rel` (its real path and size), or None when there is none."""
+        if rel.startswith("/") or ".." in rel.split("/"):  # names nfb builds; never expected
+            raise ConvertError(f"{rel}: a path outside the checkpoint", EXIT_BEFORE)
+        p = self.path / rel
+        try:
+            st = p.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:  # a symlink loop, no permission
+            raise ConvertError(f"{p}: {e.strerror or _first_line(e)}", EXIT_BEFORE) from None
+        if stat.S_ISDIR(st.st_mode):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise ConvertError(f"{p}: not a regular file (a FIFO, socket or device): not a "
+                               "checkpoint file nfb reads", EXIT_BEFORE)
+        real = os.path.realpath(p)
+        if not any(os.path.commonpath([real, r]) == r for r in self._roots):
+            raise ConvertError(f"{p}: a symlink to {real}, outside the checkpoint; nfb reads only "
+                               "files inside it (copy them in, e.g. cp -rL, to convert)",
+                               EXIT_BEFORE)
+        return Path(real), st.st_size
+
     def is_file(self, rel: str) -> bool:
         if self.tar is not None:
             return rel in self.members
-        return (self.path / rel).is_file()
+        return self._local(rel) is not None
 
-    def size(self, rel: str) -> int:
+    def size(self, rel: str) -> int | None:
+        """The size of file `rel` from the tar header or stat, or None when there is none."""
         if self.tar is not None:
-            return self.members[rel].size
-        return (self.path / rel).stat().st_size
+            m = self.members.get(rel)
+            return None if m is None else m.size
+        local = self._local(rel)
+        return None if local is None else local[1]
 
     def open(self, rel: str):
         if self.tar is not None:
             return self.tar.extractfile(self.members[rel])
-        return open(self.path / rel, "rb")
+        local = self._local(rel)
+        if local is None:
+            raise FileNotFoundError(f"{rel}: no such file")
+        return open(local[0], "rb")
 
-    def read_bytes(self, rel: str) -> bytes:
-        with self.open(rel) as f:
-            return f.read()
+    def read_bytes(self, rel: str, cap: int = MAX_SMALL_FILE) -> bytes:
+        """A whole (small) file, refused from its size alone when over `cap`."""
+        size = self.size(rel)
+        if size is None:
+            raise ConvertError(f"{rel}: missing", EXIT_BEFORE)
+        if size > cap:
+            raise ConvertError(f"{rel}: {size} bytes, more than the {cap >> 20} MiB nfb reads "
+                               "for this file: not a NeMo checkpoint file", EXIT_BEFORE)
+        try:
+            with self.open(rel) as f:
+                data = f.read(cap + 1)
+        except _READ_ERRORS as e:
+            raise ConvertError(f"{rel}: {_first_line(e)}", EXIT_READING) from None
+        if len(data) > cap:
+            raise ConvertError(f"{rel}: grew past {cap >> 20} MiB while read", EXIT_BEFORE)
+        return data
 
     def subdirs(self, rel: str) -> list[str]:
         """Names of the directories directly under `rel`."""
@@ -170,7 +308,18 @@ class _Source:
             return sorted({n[len(prefix):].split("/", 1)[0] for n in self.members
                            if n.startswith(prefix) and "/" in n[len(prefix):]})
         d = self.path / rel
-        return sorted(e.name for e in os.scandir(d) if e.is_dir()) if d.is_dir() else []
+        try:
+            return sorted(e.name for e in os.scandir(d) if e.is_dir()) if d.is_dir() else []
+        except OSError as e:
+            raise ConvertError(f"{d}: {e.strerror or _first_line(e)}", EXIT_BEFORE) from None
+
+
+def _read_json(src: _Source, rel: str):
+    data = src.read_bytes(rel)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise ConvertError(f"{rel}: unreadable ({_first_line(e)})", EXIT_BEFORE) from None
 
 
 # ----------------------------------------------------------------------------- zarr reading
@@ -185,41 +334,86 @@ class _Array:
     np_dtype: np.dtype
     st_dtype: str
     reader: Callable[[int | None], np.ndarray]  # index on dim 0 (a layer) or None (all)
+    verify: Callable[[], None] = lambda: None   # every data file there, of the right size
 
     def read(self, index0: int | None = None) -> np.ndarray:
         return self.reader(index0)
 
 
+def _dims(value, what: str, low: int) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > MAX_NDIM or not all(
+            isinstance(x, int) and not isinstance(x, bool) and low <= x <= MAX_DIM
+            for x in value):
+        raise ValueError(f"{what} {value!r:.80} is not a list of at most {MAX_NDIM} integers "
+                         f"from {low} to 2**48")
+    return tuple(value)
+
+
 class _ZarrArray:
+    """A zarr v2 array as Megatron writes it, its `.zarray` checked before any chunk is read:
+    a dtype nfb reads, no compressor or filters, C order, integer shape and chunks with each
+    chunk within its dimension (Megatron saves one shard per chunk), at most MAX_CHUNKS
+    chunks, and a `dimension_separator` of "." or "/" (chunk names are then indices joined by
+    it, inside the array's directory)."""
+
     def __init__(self, src: _Source, rel: str, key: str):
         self.src, self.rel, self.key = src, rel, key
-        try:
-            meta = json.loads(src.read_bytes(f"{rel}/.zarray"))
-        except (ValueError, OSError) as e:
-            raise ConvertError(f"{rel}/.zarray: unreadable ({e})", EXIT_BEFORE) from None
+        meta = _read_json(src, f"{rel}/.zarray")
+
+        def bad(why: str):
+            return ConvertError(f"{rel}/.zarray: {why}", EXIT_BEFORE)
+        if not isinstance(meta, dict):
+            raise bad("not a zarr array description")
         dtype = meta.get("dtype")
-        if dtype not in _ZARR_DTYPES:
-            raise ConvertError(f"{rel}/.zarray: dtype {dtype!r} is not one nfb reads "
-                               f"({', '.join(_ZARR_DTYPES)})", EXIT_BEFORE)
+        if not isinstance(dtype, str) or dtype not in _ZARR_DTYPES:
+            raise bad(f"dtype {dtype!r:.80} is not one nfb reads ({', '.join(_ZARR_DTYPES)})")
         if meta.get("zarr_format") != 2 or meta.get("compressor") is not None \
                 or meta.get("filters") or meta.get("order", "C") != "C":
-            raise ConvertError(f"{rel}/.zarray: nfb reads uncompressed C-order zarr v2 arrays "
-                               "as Megatron writes them (compressor null, no filters)",
-                               EXIT_BEFORE)
-        self.shape = tuple(int(x) for x in meta["shape"])
-        self.chunks = tuple(int(x) for x in meta["chunks"])
-        if len(self.chunks) != len(self.shape) or any(c <= 0 for c in self.chunks):
-            raise ConvertError(f"{rel}/.zarray: chunks {self.chunks} do not fit shape "
-                               f"{list(self.shape)}", EXIT_BEFORE)
+            raise bad("nfb reads uncompressed C-order zarr v2 arrays as Megatron writes them "
+                      "(compressor null, no filters)")
+        try:
+            self.shape = _dims(meta.get("shape"), "shape", 0)
+            self.chunks = _dims(meta.get("chunks"), "chunks", 1)
+        except ValueError as e:
+            raise bad(str(e)) from None
+        if len(self.chunks) != len(self.shape) or any(
+                c > max(s, 1) for c, s in zip(self.chunks, self.shape)):
+            raise bad(f"chunks {list(self.chunks)} do not fit shape {list(self.shape)} (one "
+                      "chunk per saved shard, each at most its dimension)")
+        self.grid = tuple(math.ceil(s / c) for s, c in zip(self.shape, self.chunks))
+        if math.prod(self.grid) > MAX_CHUNKS:
+            raise bad(f"{math.prod(self.grid)} chunks, more than the {MAX_CHUNKS} nfb reads")
+        sep = meta.get("dimension_separator", ".")
+        if sep not in (None, ".", "/"):
+            raise bad(f"dimension_separator {sep!r:.40}: zarr v2 allows only '.' or '/'")
+        self.sep = sep or "."
         self.np_dtype, self.st_dtype = _ZARR_DTYPES[dtype]
-        self.sep = meta.get("dimension_separator") or "."
+        self.chunk_bytes = math.prod(self.chunks) * self.np_dtype.itemsize
 
     def array(self) -> _Array:
-        return _Array(self.key, self.shape, self.np_dtype, self.st_dtype, self.read)
+        return _Array(self.key, self.shape, self.np_dtype, self.st_dtype, self.read, self.verify)
+
+    def _name(self, idx: tuple[int, ...]) -> str:
+        return f"{self.rel}/{self.sep.join(map(str, idx)) if idx else '0'}"
+
+    def verify(self) -> None:
+        """Every chunk file present with the size the `.zarray` implies, from the tar header
+        or stat alone (nothing read): a short or huge (sparse) chunk stops the run here."""
+        for idx in np.ndindex(*self.grid):
+            self._check_size(self._name(idx), self.src.size(self._name(idx)))
+
+    def _check_size(self, name: str, size: int | None) -> None:
+        if size is None:
+            raise ConvertError(f"{name}: chunk file missing (an incomplete download?)",
+                               EXIT_READING)
+        if size != self.chunk_bytes:
+            raise ConvertError(f"{name}: chunk file has {size} bytes, expected "
+                               f"{self.chunk_bytes} (truncated or corrupt download?)",
+                               EXIT_READING)
 
     def read(self, index0: int | None = None) -> np.ndarray:
         shape, chunks = self.shape, self.chunks
-        grids = [range(math.ceil(s / c)) for s, c in zip(shape, chunks)]
+        grids = [range(g) for g in self.grid]
         if index0 is not None:
             grids[0] = range(index0 // chunks[0], index0 // chunks[0] + 1)
             out = np.empty(shape[1:], self.np_dtype)
@@ -231,8 +425,7 @@ class _ZarrArray:
         raw = memoryview(buf).cast("B")
         for idx in np.ndindex(*[len(g) for g in grids]):
             idx = tuple(g[i] for g, i in zip(grids, idx))
-            name = f"{self.rel}/{self.sep.join(map(str, idx)) if idx else '0'}"
-            self._read_chunk(name, raw)
+            self._read_chunk(self._name(idx), raw)
             src_sl, dst_sl = [], []
             for d, (i, c, s) in enumerate(zip(idx, chunks, shape)):
                 start, stop = i * c, min(i * c + c, s)
@@ -245,15 +438,13 @@ class _ZarrArray:
         return out
 
     def _read_chunk(self, name: str, raw: memoryview) -> None:
+        self._check_size(name, self.src.size(name))
         try:
-            if not self.src.is_file(name):
-                raise ConvertError(f"{name}: chunk file missing (an incomplete download?)",
-                                   EXIT_READING)
             with self.src.open(name) as f:
                 n = f.readinto(raw)
                 extra = f.read(1)
-        except OSError as e:
-            raise ConvertError(f"{name}: {e}", EXIT_READING) from None
+        except _READ_ERRORS as e:
+            raise ConvertError(f"{name}: {_first_line(e)}", EXIT_READING) from None
         if n != len(raw) or extra:
             raise ConvertError(f"{name}: chunk file has {self.src.size(name)} bytes, expected "
                                f"{len(raw)} (truncated or corrupt download?)", EXIT_READING)
@@ -272,32 +463,152 @@ def _zarr_arrays(src: _Source, wdir: str) -> dict[str, _Array]:
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    """DCP's `.metadata` is a pickle: allow only DCP's metadata classes, torch dtypes/sizes and
-    plain containers, so a crafted checkpoint cannot run code."""
+    """DCP's `.metadata` is a pickle. It may name only the exact (module, name) pairs of
+    `allowed()`: the metadata classes `torch.distributed.checkpoint` pickles (torch 2.13's
+    `dcp.save` writes Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata,
+    TensorProperties, ChunkStorageMetadata, _MEM_FORMAT_ENCODING and filesystem._StorageInfo;
+    Megatron's sharded objects add BytesStorageMetadata), torch.Size, torch's dtypes, layouts
+    (via torch.serialization._get_layout) and memory formats, pathlib paths
+    (StorageMeta.checkpoint_id; `pathlib._local` is Python 3.13's module for them), and
+    OrderedDict, set and frozenset. Each is taken from a table built here, never looked up
+    through the pickled module path, so a dotted name (`os.system` under an allowed module)
+    or any other global is refused, and so are persistent ids."""
 
-    _BUILTINS = {"set", "frozenset", "slice", "dict", "list", "tuple", "int", "float", "str",
-                 "bytes", "bool", "complex"}
+    _TABLE: dict | None = None
+
+    @classmethod
+    def allowed(cls) -> dict[tuple[str, str], object]:
+        if cls._TABLE is None:
+            import collections
+            import pathlib
+
+            import torch
+            import torch.distributed.checkpoint.filesystem as dcp_fs
+            import torch.distributed.checkpoint.metadata as dcp_md
+
+            table: dict[tuple[str, str], object] = {}
+            for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata",
+                         "TensorProperties", "ChunkStorageMetadata", "BytesStorageMetadata",
+                         "_MEM_FORMAT_ENCODING"):
+                if hasattr(dcp_md, name):
+                    table["torch.distributed.checkpoint.metadata", name] = getattr(dcp_md, name)
+            table["torch.distributed.checkpoint.filesystem", "_StorageInfo"] = \
+                dcp_fs._StorageInfo
+            table["torch", "Size"] = torch.Size
+            for name, value in vars(torch).items():
+                if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                    table["torch", name] = value
+            table["torch.serialization", "_get_layout"] = torch.serialization._get_layout
+            for module in ("pathlib", "pathlib._local"):
+                for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath",
+                             "PureWindowsPath"):
+                    table[module, name] = getattr(pathlib, name)
+            table["collections", "OrderedDict"] = collections.OrderedDict
+            table["builtins", "set"] = set
+            table["builtins", "frozenset"] = frozenset
+            cls._TABLE = table
+        return cls._TABLE
 
     def find_class(self, module, name):
-        import torch
+        try:
+            return self.allowed()[module, name]
+        except (KeyError, TypeError):
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}"[:200]) from None
 
-        if module.startswith("torch.distributed.checkpoint."):
-            return super().find_class(module, name)
-        if module == "torch" and (name == "Size" or isinstance(
-                getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
-            return getattr(torch, name)
-        if module == "torch.serialization" and name == "_get_layout":  # str -> torch.layout
-            return super().find_class(module, name)
-        if module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath",
-                                            "PureWindowsPath", "Path"):
-            return super().find_class(module, name)  # storage_meta.checkpoint_id
-        if module == "collections" and name == "OrderedDict":
-            return super().find_class(module, name)
-        if module == "builtins" and name in self._BUILTINS:
-            return super().find_class(module, name)
-        if module in ("torch._utils",) and name == "_rebuild_tensor_v2":
-            raise pickle.UnpicklingError("tensors inside DCP metadata are not expected")
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refusing a persistent id")
+
+
+def _read_dcp_metadata(src: _Source, wdir: str):
+    """The `.metadata` of a torch_dist checkpoint, unpickled with `_SafeUnpickler` and checked
+    (types, shapes, chunk bounds, data files named inside the folder and long enough)."""
+    rel = f"{wdir}/.metadata"
+    if not src.is_file(rel):
+        raise ConvertError(f"{rel}: missing (an incomplete download?)", EXIT_BEFORE)
+    data = src.read_bytes(rel, MAX_DCP_METADATA)
+    try:
+        md = _SafeUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as e:
+        raise ConvertError(f"{rel}: {_first_line(e)}; a torch_dist .metadata holds only DCP's "
+                           "metadata classes: not a checkpoint nfb reads", EXIT_BEFORE) from None
+    except Exception as e:  # noqa: BLE001 - hostile bytes raise anything (RecursionError, ...)
+        raise ConvertError(f"{rel}: unreadable torch_dist metadata ({type(e).__name__}: "
+                           f"{_first_line(e)})", EXIT_BEFORE) from None
+    _check_dcp_metadata(md, src, wdir)
+    return md
+
+
+def _check_dcp_metadata(md, src: _Source, wdir: str) -> None:
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    def bad(why: str):
+        return ConvertError(f"{wdir}/.metadata: {why}: not DCP metadata nfb reads", EXIT_BEFORE)
+
+    def dims(value, what: str) -> tuple[int, ...]:
+        if not isinstance(value, torch.Size) or len(value) > MAX_NDIM \
+                or not all(0 <= x <= MAX_DIM for x in value):
+            raise bad(f"{what} {value!r:.80} is not a torch.Size of at most {MAX_NDIM} sizes")
+        return tuple(value)
+
+    sdm, storage = getattr(md, "state_dict_metadata", None), getattr(md, "storage_data", None)
+    if not isinstance(md, Metadata) or not isinstance(sdm, dict) \
+            or not isinstance(storage, dict):
+        raise bad(f"a {type(md).__name__} without state_dict_metadata and storage_data")
+    for key, meta in sdm.items():
+        if not isinstance(key, str):
+            raise bad(f"key {key!r:.60} is not a string")
+        if isinstance(meta, BytesStorageMetadata):
+            continue
+        if not isinstance(meta, TensorStorageMetadata):
+            raise bad(f"{key:.100}: a {type(meta).__name__}")
+        props = getattr(meta, "properties", None)
+        if not isinstance(props, TensorProperties) or not isinstance(
+                getattr(props, "dtype", None), torch.dtype):
+            raise bad(f"{key:.100}: no tensor dtype")
+        size = dims(getattr(meta, "size", None), f"{key:.100}: size")
+        chunks = getattr(meta, "chunks", None)
+        if not isinstance(chunks, list):
+            raise bad(f"{key:.100}: no chunk list")
+        for c in chunks:
+            if not isinstance(c, ChunkStorageMetadata):
+                raise bad(f"{key:.100}: a chunk that is a {type(c).__name__}")
+            off = dims(getattr(c, "offsets", None), f"{key:.100}: chunk offsets")
+            n = dims(getattr(c, "sizes", None), f"{key:.100}: chunk sizes")
+            if len(off) != len(size) or len(n) != len(size) or any(
+                    o + k > s for o, k, s in zip(off, n, size)):
+                raise bad(f"{key:.100}: chunk at {list(off)} of {list(n)} outside {list(size)}")
+    ends: dict[str, int] = {}
+    for index, info in storage.items():
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+            raise bad("storage_data that is not MetadataIndex -> _StorageInfo")
+        path, off, length = (getattr(info, a, None) for a in ("relative_path", "offset",
+                                                              "length"))
+        if not isinstance(path, str) or path in ("", ".", "..") or any(
+                c in path for c in "/\\\0"):
+            raise bad(f"data file {path!r:.100} is not a file name inside the checkpoint folder")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 2**62
+                   for x in (off, length)):
+            raise bad(f"{path}: offset {off!r:.40} / length {length!r:.40} are not byte counts")
+        if getattr(info, "transform_descriptors", None):
+            raise bad(f"{path}: transformed (e.g. compressed) data, which nfb does not read")
+        ends[path] = max(ends.get(path, 0), off + length)
+    for path, end in sorted(ends.items()):
+        size = src.size(f"{wdir}/{path}")
+        if size is None:
+            raise ConvertError(f"{wdir}/{path}: data file missing (an incomplete download?)",
+                               EXIT_READING)
+        if size < end:
+            raise ConvertError(f"{wdir}/{path}: {size} bytes, the metadata reads up to byte "
+                               f"{end} (truncated or corrupt download?)", EXIT_READING)
 
 
 def _dcp_arrays(src: _Source, wdir: str) -> dict[str, _Array]:
@@ -311,18 +622,13 @@ def _dcp_arrays(src: _Source, wdir: str) -> dict[str, _Array]:
     root = src.path / wdir
 
     class Reader(dcp.FileSystemReader):
-        def read_metadata(self):
-            with open(root / ".metadata", "rb") as f:
-                md = _SafeUnpickler(f).load()
+        def read_metadata(self, *args, **kwargs):
+            md = _read_dcp_metadata(src, wdir)
             if getattr(md, "storage_meta", None) is not None:
                 md.storage_meta.load_id = self.load_id
             return md
 
-    try:
-        md = Reader(str(root)).read_metadata()
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as e:
-        raise ConvertError(f"{root}/.metadata: unreadable torch_dist metadata ({e})",
-                           EXIT_BEFORE) from None
+    md = _read_dcp_metadata(src, wdir)
     arrays = {}
     for key, meta in md.state_dict_metadata.items():
         if key.endswith("_extra_state") or not isinstance(meta, TensorStorageMetadata):
@@ -343,9 +649,10 @@ def _dcp_arrays(src: _Source, wdir: str) -> dict[str, _Array]:
                 t = torch.empty(shape, dtype=tdtype)
                 try:
                     dcp.load({key: t}, storage_reader=Reader(str(root)), no_dist=True)
+                except ConvertError:
+                    raise
                 except Exception as e:  # noqa: BLE001 - DCP raises CheckpointException et al.
-                    raise ConvertError(f"{root}: reading {key} failed: "
-                                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                    raise ConvertError(f"{root}: reading {key} failed: {_first_line(e)}",
                                        EXIT_READING) from None
                 arr = t.view(torch.int16).numpy().view(np_dtype) if tdtype == torch.bfloat16 \
                     else t.numpy()
@@ -379,10 +686,21 @@ class _Arch:
 
 def _cfg_int(cfg: dict, key: str, default=None) -> int:
     value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConvertError(f"model_config.yaml: {key} is {value!r}, expected a positive integer",
-                           EXIT_BEFORE)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 2**31:
+        raise ConvertError(f"model_config.yaml: {key} is {value!r:.60}, expected a positive "
+                           "integer", EXIT_BEFORE)
     return value
+
+
+def _cfg_float(cfg: dict, key: str, default: float) -> float:
+    value = cfg.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value):
+        raise ConvertError(f"model_config.yaml: {key} is {value!r:.60}, expected a number",
+                           EXIT_BEFORE)
+    return float(value)
 
 
 def _arch(cfg: dict) -> _Arch:
@@ -408,7 +726,7 @@ def _arch(cfg: dict) -> _Arch:
         problems.append("linear biases (bias: true)")
     if str(cfg.get("position_embedding_type", "rope")) != "rope":
         problems.append(f"position_embedding_type {cfg.get('position_embedding_type')!r}")
-    if float(cfg.get("rotary_percentage", 1.0) or 1.0) != 1.0:
+    if (_cfg_float(cfg, "rotary_percentage", 1.0) or 1.0) != 1.0:
         problems.append(f"rotary_percentage {cfg.get('rotary_percentage')}")
     if cfg.get("seq_len_interpolation_factor") or cfg.get("scale_positional_embedding"):
         problems.append("RoPE scaling (seq_len_interpolation_factor / "
@@ -425,7 +743,8 @@ def _arch(cfg: dict) -> _Arch:
         raise ConvertError("model_config.yaml describes a model nfb cannot convert to "
                            "LlamaForSequenceClassification: " + "; ".join(problems), EXIT_BEFORE)
     if cfg.get("reward_model_type") not in (None, "regression"):
-        raise ConvertError(f"model_config.yaml: reward_model_type {cfg['reward_model_type']!r}; "
+        raise ConvertError(f"model_config.yaml: reward_model_type "
+                           f"{cfg['reward_model_type']!r:.60}; "
                            "nfb converts regression reward models", EXIT_BEFORE)
     hidden = _cfg_int(cfg, "hidden_size")
     heads = _cfg_int(cfg, "num_attention_heads")
@@ -436,13 +755,16 @@ def _arch(cfg: dict) -> _Arch:
         raise ConvertError(f"model_config.yaml: {heads} heads do not divide into {groups} query "
                            "groups", EXIT_BEFORE)
     regression = cfg.get("regression") or {}
+    if not isinstance(regression, dict):
+        raise ConvertError(f"model_config.yaml: regression is {regression!r:.60}, expected a "
+                           "mapping (num_attributes: N, ...)", EXIT_BEFORE)
     num_attributes = regression.get("num_attributes", 1)
     max_pos = cfg.get("max_position_embeddings") or cfg.get("encoder_seq_length") or 4096
     return _Arch(
         hidden=hidden, ffn=_cfg_int(cfg, "ffn_hidden_size"), layers=_cfg_int(cfg, "num_layers"),
         heads=heads, groups=groups, head_dim=_cfg_int({"kv_channels": head_dim}, "kv_channels"),
-        eps=float(cfg.get("layernorm_epsilon", 1e-5)),
-        rope_theta=float(cfg.get("rotary_base", 10000)),
+        eps=_cfg_float(cfg, "layernorm_epsilon", 1e-5),
+        rope_theta=_cfg_float(cfg, "rotary_base", 10000.0),
         max_pos=_cfg_int({"max_position_embeddings": max_pos}, "max_position_embeddings"),
         num_attributes=_cfg_int({"regression.num_attributes": num_attributes},
                                 "regression.num_attributes"),
@@ -520,6 +842,11 @@ def _plan(arrays: dict[str, _Array], a: _Arch, vocab: int) -> tuple[list[_Out], 
     if vocab > padded:
         raise ConvertError(f"the tokenizer has {vocab} tokens but the checkpoint's embedding has "
                            f"{padded} rows: not this model's tokenizer", EXIT_BEFORE)
+    if padded - vocab > max(vocab, MAX_VOCAB_PADDING):  # bounds the rows read, then dropped
+        raise ConvertError(f"the checkpoint's embedding has {padded} rows for a tokenizer of "
+                           f"{vocab} tokens (vocab padding adds less than one multiple of "
+                           "make_vocab_size_divisible_by x TP): not this model's tokenizer, or "
+                           "not a real embedding", EXIT_BEFORE)
     _check_shape(qkv, (L, (nq + 2 * ng) * hd, H), "num_layers, (heads + 2*query groups) * "
                  "head_dim, hidden_size")
     _check_shape(proj, (L, H, nq * hd), "num_layers, hidden_size, heads * head_dim")
@@ -563,7 +890,8 @@ def _plan(arrays: dict[str, _Array], a: _Arch, vocab: int) -> tuple[list[_Out], 
         add(p + "mlp.down_proj.weight", fc2, (H, F), plain(fc2, i))
     add("model.norm.weight", norm, (H,), plain(norm))
     add("score.weight", head_w, (a.num_attributes, H), plain(head_w))
-    info = {"padded_vocab": padded, "head_b": head_b, "dtype": _HF_DTYPE[qkv.st_dtype]}
+    info = {"padded_vocab": padded, "head_b": head_b, "dtype": _HF_DTYPE[qkv.st_dtype],
+            "read": [emb, qkv, proj, ln1, ln2, fc1, fc2, norm, head_w, head_b]}
     return outs, info
 
 
@@ -617,12 +945,28 @@ def _write_safetensors(path: Path, outs: list[_Out], done: Callable[[int, str], 
 def _load_yaml(src: _Source, rel: str) -> dict:
     import yaml
 
+    data = src.read_bytes(rel)
     try:
-        cfg = yaml.safe_load(src.read_bytes(rel))
-    except (yaml.YAMLError, OSError) as e:
-        raise ConvertError(f"{rel}: unreadable ({str(e).splitlines()[0]})", EXIT_BEFORE) from None
+        cfg = yaml.safe_load(data)
+    except Exception as e:  # noqa: BLE001 - YAMLError, RecursionError, ValueError (dates)...
+        raise ConvertError(f"{rel}: unreadable ({_first_line(e)})", EXIT_BEFORE) from None
     if not isinstance(cfg, dict):
         raise ConvertError(f"{rel}: not a NeMo model config", EXIT_BEFORE)
+    # YAML aliases can make a small file a huge (or cyclic) tree: count its values as they
+    # would be walked, without recursion, before anything walks it
+    stack, nodes = [cfg], 0
+    while stack:
+        x = stack.pop()
+        nodes += 1
+        if nodes > MAX_CONFIG_NODES:
+            raise ConvertError(f"{rel}: more than {MAX_CONFIG_NODES} values once its YAML "
+                               "aliases are expanded (or a cycle): not a NeMo model config",
+                               EXIT_BEFORE)
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
     return cfg
 
 
@@ -671,17 +1015,14 @@ def _open_checkpoint(src: _Source) -> tuple[dict, dict[str, _Array], str]:
                                "checkpoints and never unpickles weights", EXIT_BEFORE)
         raise ConvertError(f"{src.path}: not a NeMo checkpoint (no model_weights/metadata.json)",
                            EXIT_BEFORE)
-    try:
-        meta = json.loads(src.read_bytes(f"{wdir}/metadata.json"))
-    except (ValueError, OSError) as e:
-        raise ConvertError(f"{wdir}/metadata.json: unreadable ({e})", EXIT_BEFORE) from None
-    backend = meta.get("sharded_backend")
+    meta = _read_json(src, f"{wdir}/metadata.json")
+    backend = meta.get("sharded_backend") if isinstance(meta, dict) else None
     if backend == "zarr":
         arrays = _zarr_arrays(src, wdir)
     elif backend == "torch_dist":
         arrays = _dcp_arrays(src, wdir)
     else:
-        raise ConvertError(f"{wdir}/metadata.json: sharded_backend {backend!r}; nfb reads zarr "
+        raise ConvertError(f"{wdir}/metadata.json: sharded_backend {backend!r:.60}; nfb reads zarr "
                            "and torch_dist checkpoints", EXIT_BEFORE)
     if not arrays:
         raise ConvertError(f"{src.path}: {wdir}/ holds no tensors", EXIT_BEFORE)
@@ -706,12 +1047,15 @@ def convert_nemo(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: s
         raise ConvertError(f"{out_path} exists (pass --overwrite to replace it)", EXIT_BEFORE)
     source = _Source(src_path)
     tmp: Path | None = None
+    outs: list[_Out] = []
     try:
         cfg, arrays, backend = _open_checkpoint(source)
         arch = _arch(cfg)
         tok = _load_tokenizer(tokenizer)
         vocab = len(tok)
         outs, info = _plan(arrays, arch, vocab)
+        for arr in info["read"]:
+            arr.verify()  # every data file there, with the size its metadata implies
         attributes = (list(_steerlm_names()) if arch.num_attributes == 9
                       else [f"head_{i}" for i in range(arch.num_attributes)])
         total = sum(o.nbytes for o in outs)
@@ -754,6 +1098,12 @@ def convert_nemo(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: s
         else:
             os.replace(tmp, out_path)
         tmp = None
+    except MemoryError:
+        largest = max((o.nbytes for o in outs), default=0)
+        raise ConvertError(f"out of memory while converting {src_path} (its largest tensor is "
+                           f"{largest / 1e9:.1f} GB; nfb holds one tensor plus one chunk at a "
+                           "time): free memory or use a larger machine", EXIT_READING) from None
+    else:
         return ConvertResult(
             src=str(src_path), out=str(out_path), recipe=recipe, attributes=attributes,
             head_bias=bias, backend=backend, dtype=info["dtype"], vocab_size=vocab,

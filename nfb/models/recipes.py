@@ -179,7 +179,7 @@ def find_recipe(model: str, recipe: str | None = None) -> tuple[Recipe | None, s
 
     cfg = read_config_json(path)
     nfb_key = cfg.get("nfb") if isinstance(cfg.get("nfb"), dict) else {}
-    if nfb_key.get("recipe") in CONVERTED:
+    if isinstance(nfb_key.get("recipe"), str) and nfb_key["recipe"] in CONVERTED:
         return by_name(CONVERTED[nfb_key["recipe"]]), "nfb convert"
     name = cfg.get("_name_or_path")
     if isinstance(name, str) and name.strip():

@@ -57,7 +57,8 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
                 gpu_memory_utilization, dtype, trust_remote_code, enforce_eager, max_in_flight,
                 batch_rows, engine, ray_address, replicas, ray_block_rows, prefix, overwrite,
                 checkpoint_every, engine_restarts, stall_timeout, hf_overrides=None,
-                enable_prefix_caching=None, log=lambda _m: None) -> RunConfig:
+                enable_prefix_caching=None, too_long="error", max_line_bytes=None,
+                log=lambda _m: None) -> RunConfig:
     """Check everything that needs no model (exit 2 / 1 before loading) and build the config."""
     from nfb.engines import check_engine
     from nfb.io.readers import resolve_inputs
@@ -84,6 +85,13 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
         raise UsageError("--gpu-memory-utilization must be in (0, 1]")
     if stall_timeout <= 0:
         raise UsageError("--stall-timeout must be above 0 seconds")
+    from nfb.fit import POLICIES
+    from nfb.io.jsonl import MAX_LINE_BYTES
+    if too_long not in POLICIES:
+        raise UsageError(f"--too-long {too_long!r}: use {', '.join(POLICIES)}")
+    max_line_bytes = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
+    if max_line_bytes < 1:
+        raise UsageError("--max-line-bytes must be at least 1")
     check_engine(engine)
     if engine != "ray" and (ray_address or replicas != 1):
         raise UsageError("--ray-address and --replicas go with --engine ray")
@@ -109,7 +117,7 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
         fields=fields,
         limit=limit, shard=Shard.parse(shard) if isinstance(shard, str) else shard,
         prefix=prefix, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
-        batch_rows=batch_rows)
+        batch_rows=batch_rows, too_long=too_long, max_line_bytes=max_line_bytes)
 
 
 def check_run_output(output: str, files: list[str]) -> None:
@@ -206,6 +214,7 @@ def feedback(
     ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
+    too_long: str = "error", max_line_bytes: int | None = None,
     dry_run: bool = False, card: bool = False,
     progress: Progress | None = None, log: Callable[[str], None] | None = None,
 ) -> RunResult:
@@ -227,7 +236,8 @@ def feedback(
         ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
         prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
         engine_restarts=engine_restarts, stall_timeout=stall_timeout,
-        enable_prefix_caching=True if samples > 1 else None, log=log)
+        enable_prefix_caching=True if samples > 1 else None, too_long=too_long,
+        max_line_bytes=max_line_bytes, log=log)
     _check_context(cfg, max_tokens)
     task = FeedbackTask(sampling, recipe=_recipe("feedback", model, cfg.engine.model, None, log))
     return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log)
@@ -278,6 +288,7 @@ def judge(
     ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
+    too_long: str = "error", max_line_bytes: int | None = None,
     dry_run: bool = False, card: bool = False,
     progress: Progress | None = None, log: Callable[[str], None] | None = None,
 ) -> RunResult:
@@ -308,7 +319,7 @@ def judge(
         prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
         engine_restarts=engine_restarts, stall_timeout=stall_timeout,
         # a GenRM template puts its long instructions before every conversation
-        enable_prefix_caching=True, log=log)
+        enable_prefix_caching=True, too_long=too_long, max_line_bytes=max_line_bytes, log=log)
     found = _judge_recipe(model, cfg.engine.model, recipe, len(names), log)
     _check_context(cfg, max_tokens)
     _check_judge_template(cfg.engine.model, revision, trust_remote_code, len(names))
@@ -366,6 +377,7 @@ def score(
     ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
+    too_long: str = "error", max_line_bytes: int | None = None,
     dry_run: bool = False, card: bool = False,
     progress: Progress | None = None, log: Callable[[str], None] | None = None,
 ) -> RunResult:
@@ -389,7 +401,8 @@ def score(
         max_in_flight=max_in_flight, batch_rows=batch_rows, engine=engine,
         ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
         prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
-        engine_restarts=engine_restarts, stall_timeout=stall_timeout, log=log)
+        engine_restarts=engine_restarts, stall_timeout=stall_timeout, too_long=too_long,
+        max_line_bytes=max_line_bytes, log=log)
     if isinstance(principle, str):
         principle = [principle]
     principle = list(principle or [])

@@ -26,6 +26,7 @@ from nfb.errors import (
     ConfigError,  # noqa: F401  (re-exported: the first release's name)
     UsageError,
 )
+from nfb.io.jsonl import MAX_LINE_BYTES
 from nfb.records import FieldMap
 
 
@@ -99,6 +100,8 @@ class RunConfig:
     batch_rows: int = 256           # rows read per chunk (never changes the output)
     part_rows: int = 50_000         # rows per checkpoint part, at most (never changes it)
     checkpoint_seconds: float = 30.0
+    too_long: str = "error"         # a row over the budget: error | drop-context | truncate
+    max_line_bytes: int = MAX_LINE_BYTES   # a longer JSONL line is a line_too_long row
 
 
 def model_key(model: str) -> str:
@@ -195,7 +198,18 @@ def result_spec(cfg: RunConfig, task_name: str, task_settings: dict) -> dict:
         "limit": cfg.limit,
         "shard": str(cfg.shard) if cfg.shard else None,
         "settings": task_settings,
-    }
+    } | _row_policy(cfg)
+
+
+def _row_policy(cfg: RunConfig) -> dict:
+    """--too-long and --max-line-bytes, when not the defaults (so that older runs keep their
+    fingerprint): both change which rows are scored and what they hold."""
+    out: dict = {}
+    if cfg.too_long != "error":
+        out["too_long"] = cfg.too_long
+    if cfg.max_line_bytes != MAX_LINE_BYTES:
+        out["max_line_bytes"] = cfg.max_line_bytes
+    return out
 
 
 def _hash(obj) -> str:
@@ -251,6 +265,8 @@ def provenance(cfg: RunConfig, task_name: str, task_settings: dict,
         "prompt": task_settings.get("prompt"),
         "sampling": task_settings.get("sampling"),
         "weights": task_settings.get("weights"),
+        "too_long": cfg.too_long,
+        "max_line_bytes": cfg.max_line_bytes,
         "fingerprint": fingerprint(cfg, task_name, task_settings, ident),
         "identity": ident,
         # the same run without --shard: shards of one job share it, and their merge carries

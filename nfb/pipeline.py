@@ -11,6 +11,7 @@ chunks are added while earlier ones are still generating.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 from nfb.config import RunConfig, provenance, what_changed
 from nfb.engines.base import Engine
 from nfb.errors import EngineDied, UsageError
+from nfb.fit import Fitter, prompt_chars
 from nfb.io.outputs import OutputLock, clean_stale_temps, write_error
 from nfb.io.readers import STDIN, Chunk, count_rows, input_columns, input_schema, read_chunks
 from nfb.io.storage import is_url
@@ -39,7 +41,7 @@ from nfb.records import to_conversation
 from nfb.tasks.base import Task
 from nfb.workdir import ResumeError, WorkDir
 
-ROW, ERROR = "nfb_row", "nfb_error"
+ROW, ERROR, TRUNCATED = "nfb_row", "nfb_error", "nfb_truncated"
 
 
 from nfb.errors import Interrupted, RunError  # noqa: E402,F401
@@ -54,6 +56,7 @@ class RunResult:
     errors: Counter = field(default_factory=Counter)   # error code -> rows
     levels: Counter = field(default_factory=Counter)   # feedback level -> rows
     unreadable: int = 0               # judge: rows with no readable judgement (judge_error)
+    truncated: int | None = None      # rows shortened by --too-long (None: the policy is error)
     seconds: float = 0.0              # wall time of this invocation
     load_seconds: float = 0.0         # of which: starting the engine (loading the model)
     already_done: bool = False
@@ -67,7 +70,8 @@ class RunResult:
         return {"rows": self.rows, "error_rows": self.error_rows,
                 "errors": dict(self.errors.most_common()),
                 "levels": {str(k): v for k, v in sorted(self.levels.items())},
-                "unreadable": self.unreadable}
+                "unreadable": self.unreadable} | (
+                    {} if self.truncated is None else {"truncated": self.truncated})
 
 
 def error_code(reason: str) -> str:
@@ -76,12 +80,13 @@ def error_code(reason: str) -> str:
 
 # --- column names ---------------------------------------------------------------------------
 
-def added_columns(task: Task, prefix: str) -> list[str]:
-    return [prefix + ROW, prefix + ERROR, *task.schema(prefix).names]
+def added_columns(task: Task, prefix: str, too_long: str = "error") -> list[str]:
+    extra = [] if too_long == "error" else [prefix + TRUNCATED]
+    return [prefix + ROW, prefix + ERROR, *task.schema(prefix).names, *extra]
 
 
-def check_clash(task: Task, prefix: str, columns: list[str]) -> None:
-    clash = [c for c in added_columns(task, prefix) if c in columns]
+def check_clash(task: Task, prefix: str, columns: list[str], too_long: str = "error") -> None:
+    clash = [c for c in added_columns(task, prefix, too_long) if c in columns]
     if clash:
         raise UsageError(
             f"the input already has column(s) {', '.join(clash)}, which nfb would add; "
@@ -106,11 +111,12 @@ def selected_total(total: int | None, cfg: RunConfig) -> int | None:
 class _Pending:
     """One chunk of rows on its way through the engine."""
 
-    __slots__ = ("table", "rows", "errors", "values", "outputs", "remaining")
+    __slots__ = ("table", "rows", "errors", "values", "outputs", "remaining", "truncated")
 
     def __init__(self, table: pa.Table, rows: np.ndarray):
         self.table = table
         self.rows = rows
+        self.truncated: dict[int, int] = {}        # row in chunk -> prompt tokens removed
         self.errors: list[str | None] = [None] * len(rows)
         self.values: list[dict | None] = [None] * len(rows)
         self.outputs: list[list | None] = [None] * len(rows)   # per row: one per request
@@ -121,9 +127,10 @@ class Collector:
     """Holds chunks until all their rows are finished, then emits them in input order."""
 
     def __init__(self, task: Task, prefix: str, emit: Callable[[pa.Table], None],
-                 result: RunResult):
+                 result: RunResult, truncated_column: bool = False):
         self.task = task
         self.prefix = prefix
+        self.truncated_column = truncated_column
         self.schema = task.schema("")
         self.emit = emit
         self.result = result
@@ -175,6 +182,12 @@ class Collector:
         for f in self.schema:
             t = t.append_column(pre + f.name, pa.array([v[f.name] for v in p.values],
                                                        type=f.type))
+        if self.truncated_column:
+            cut = [None if p.errors[i] is not None else p.truncated.get(i)
+                   for i in range(len(p.rows))]
+            t = t.append_column(pre + TRUNCATED, pa.array(cut, type=pa.int64()))
+            self.result.truncated = (self.result.truncated or 0) + sum(c is not None
+                                                                       for c in cut)
         self.result.new_rows += len(p.rows)
         self.emitted.append(p.rows)
         for e in p.errors:   # counted when written, so a restart never counts a row twice
@@ -233,9 +246,10 @@ def _now() -> str:
 
 def prepare(cfg: RunConfig, task: Task) -> tuple[str, dict]:
     """Checks that need no model: column clashes. Returns (fingerprint, provenance)."""
-    check_clash(task, cfg.prefix, input_columns(list(cfg.inputs)))
+    check_clash(task, cfg.prefix, input_columns(list(cfg.inputs)), cfg.too_long)
     settings = task.settings()
-    meta = provenance(cfg, task.name, settings, {"columns": added_columns(task, cfg.prefix)})
+    meta = provenance(cfg, task.name, settings,
+                      {"columns": added_columns(task, cfg.prefix, cfg.too_long)})
     return meta["fingerprint"], meta
 
 
@@ -262,7 +276,8 @@ def finished_result(cfg: RunConfig, fp: str, meta_now: dict | None = None
         s = meta.get("summary", {})
         return RunResult(cfg.output, rows=s.get("rows", 0), errors=Counter(s.get("errors", {})),
                          levels=Counter({int(k): v for k, v in s.get("levels", {}).items()}),
-                         unreadable=s.get("unreadable", 0), already_done=True)
+                         unreadable=s.get("unreadable", 0), truncated=s.get("truncated"),
+                         already_done=True)
     if wd.exists:
         return None  # an unfinished run: its work directory decides
     why = what_changed((meta or {}).get("identity"), (meta_now or {}).get("identity") or {})
@@ -308,7 +323,7 @@ def _run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine], progr
     done_before = finished_result(cfg, fp, meta)
     if done_before is not None:
         return done_before
-    result = RunResult(cfg.output)
+    result = RunResult(cfg.output, truncated=None if cfg.too_long == "error" else 0)
     row_col = cfg.prefix + ROW
     to_stdout = cfg.output == STDOUT
 
@@ -409,7 +424,11 @@ def _restore_counts(wd: WorkDir, prefix: str, result: RunResult) -> None:
         names = pq.read_schema(p).names
         levels = [n for n in names if n.startswith(prefix) and n.endswith("feedback_level")]
         judged = [n for n in names if n == prefix + "judge_error"]
-        t = pq.read_table(p, columns=[prefix + ERROR, *levels, *judged])
+        cut = [n for n in names if n == prefix + TRUNCATED]
+        t = pq.read_table(p, columns=[prefix + ERROR, *levels, *judged, *cut])
+        for name in cut:
+            result.truncated = (result.truncated or 0) + t.column(name).length() - \
+                t.column(name).null_count
         for name in judged:
             result.unreadable += t.column(name).length() - t.column(name).null_count
         for e in t.column(0).to_pylist():
@@ -452,7 +471,8 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
 
     try:
         while True:
-            collector = Collector(task, cfg.prefix, emit_and_report, result)
+            collector = Collector(task, cfg.prefix, emit_and_report, result,
+                                  truncated_column=cfg.too_long != "error")
             try:
                 _stream_rows(cfg, task, engine, collector, done, sink, poll_total)
                 break
@@ -566,6 +586,7 @@ class _Prepared:
     pending: _Pending
     failed: list[tuple[int, str]]                       # (row in chunk, reason)
     requests: list[tuple[int, list[list[int]]]]         # (row in chunk, ids per request)
+    truncated: dict[int, int] = field(default_factory=dict)   # row in chunk -> tokens removed
 
 
 class Feeder:
@@ -584,6 +605,7 @@ class Feeder:
 
         self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
         self.done, self.budget = done, budget
+        self.fit = Fitter(tokenizer, budget, cfg.too_long)
         self.workers = workers or max(1, min(4, (os.cpu_count() or 1)))
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nfb-tokenize")
         self._queue: queue.Queue = queue.Queue(maxsize=ahead or 2 * self.workers + 2)
@@ -604,7 +626,7 @@ class Feeder:
     def _read(self) -> None:
         cfg = self.cfg
         try:
-            for chunk in read_chunks(list(cfg.inputs), cfg.batch_rows):
+            for chunk in read_chunks(list(cfg.inputs), cfg.batch_rows, cfg.max_line_bytes):
                 if cfg.limit is not None and chunk.first_row >= cfg.limit:
                     break
                 if not self._put(self._pool.submit(self._prepare, chunk)):
@@ -647,6 +669,9 @@ class Feeder:
         dicts = _row_dicts(chunk, idx, cfg.fields.needed + row_fields)
         failed: list[tuple[int, str]] = []
         prompts, owners = [], []
+        fit = self.fit
+        convs: dict[int, tuple] = {}    # row in chunk -> (conversation, its prompts' maker)
+        slow: list[tuple[int, int | None]] = []   # rows to shorten: (row, tokens or None)
         for j, (i, d) in enumerate(zip(idx, dicts)):
             err = chunk.errors[i]
             if err is None:
@@ -658,7 +683,17 @@ class Feeder:
             if err is not None:
                 failed.append((j, err))
                 continue
-            for pr in task.prompts(conv, row=d) if row_fields else task.prompts(conv):
+            make = functools.partial(task.prompts, row=d) if row_fields else task.prompts
+            made = make(conv)
+            convs[j] = (conv, make)
+            chars = prompt_chars(made)
+            if fit.over_chars(chars):   # cannot fit whatever the template: never rendered
+                if fit.policy == "error":
+                    failed.append((j, fit.char_reason(chars)))
+                else:
+                    slow.append((j, None))
+                continue
+            for pr in made:
                 prompts.append(pr)
                 owners.append(j)
         try:
@@ -680,11 +715,25 @@ class Feeder:
         requests = []
         for j, toks in by_row.items():
             longest = max(len(t) for t in toks)
-            if longest > self.budget:
-                failed.append((j, f"prompt_too_long:{longest} tokens > {self.budget}"))
-            else:
+            if longest <= self.budget:
                 requests.append((j, toks))
-        return _Prepared(p, failed, requests)
+            elif fit.policy == "error":
+                failed.append((j, fit.token_reason(longest)))
+            else:
+                slow.append((j, longest))
+        truncated: dict[int, int] = {}
+        for j, longest in slow:   # --too-long drop-context / truncate
+            conv, make = convs[j]
+            try:
+                got = fit.shorten(conv, make, longest)
+            except Exception as e:  # noqa: BLE001 - a chat template that refuses the row
+                got = f"template_error:{' '.join(str(e).split())[:200]}"
+            if isinstance(got, str):
+                failed.append((j, got))
+            else:
+                requests.append((j, got[0]))
+                truncated[j] = got[1]
+        return _Prepared(p, failed, requests, truncated)
 
     def close(self) -> None:
         self._stop.set()
@@ -696,6 +745,7 @@ def _requests(feeder: Feeder, collector: Collector, sink: PartWriter | None
     """Register prepared chunks with the collector and yield their engine requests."""
     for prep in feeder:
         p = prep.pending
+        p.truncated = prep.truncated
         for j, reason in prep.failed:
             collector.fail(p, j, reason)
         for j, toks in prep.requests:
@@ -785,6 +835,8 @@ def _finalize(cfg: RunConfig, task: Task, wd: WorkDir, meta: dict, result: RunRe
         schemas = [pa.schema([*input_schema(list(cfg.inputs)),
                               pa.field(row_col, pa.int64()),
                               pa.field(cfg.prefix + ERROR, pa.string()),
-                              *task.schema(cfg.prefix)])]
+                              *task.schema(cfg.prefix),
+                              *([] if cfg.too_long == "error" else
+                                [pa.field(cfg.prefix + TRUNCATED, pa.int64())])])]
     sources = (tables(p) for p in parts) if ordered else [by_row()]
     return merge_tables(cfg.output, sources, schemas, meta)

@@ -121,6 +121,8 @@ def print_summary(console: Console, result: RunResult, task: str) -> None:
         t.add_row(f"  {code}", f"{n:,}")
     if task == "judge":
         t.add_row("rows with no readable judgement", f"{result.unreadable:,}")
+    if getattr(result, "truncated", None) is not None:
+        t.add_row("rows shortened (--too-long)", f"{result.truncated:,}")
     console.print(t)
     judged = result.rows - result.error_rows
     if task == "judge" and judged and result.unreadable * 2 > judged:

@@ -33,6 +33,14 @@ INPUT_OPTIONS = {
     "limit": (_opt(Optional[int], "Only the first N input rows.", _IN, min=1), None),
     "shard": (_opt(Optional[str], "I/N: only rows whose number modulo N is I, for N machines; "
                    "join with `nfb merge`.", _IN), None),
+    "too_long": (_opt(str, "A row over the model's context: 'error' (an error row, "
+                      "prompt_too_long), 'drop-context' (drop the oldest turns before the final "
+                      "prompt until it fits) or 'truncate' (then cut the final prompt's middle; "
+                      "never the judged response). Shortened rows: column nfb_truncated.", _IN),
+                 "error"),
+    "max_line_bytes": (_opt(Optional[int], "Longest JSONL input line read [default: 64 MiB]; "
+                            "a longer line is one error row (line_too_long), skipped without "
+                            "being held in memory.", _IN, min=1), None),
 }
 ENGINE_OPTIONS = {
     "revision": (_opt(Optional[str], "Model revision (branch, tag or commit).", _MODEL), None),

@@ -7,10 +7,16 @@ is what resume relies on. A bad line becomes an error row in place, never an exc
 a file that cannot be opened at all raises `InputError` (checked up front by
 `resolve_inputs`). What each format knows lives in `nfb.io.jsonl` and `nfb.io.parquet`;
 this module picks the format and walks the files.
+
+Globs are expanded as `glob.glob(recursive=True)` does (hidden names need a pattern that
+starts with '.'), except that `**` never descends into a symbolic link to a directory, so a
+link loop cannot make it walk forever; a link named by a plain or `*` segment is followed
+(once: the pattern has a fixed depth). A directory input is walked the same way.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 from collections.abc import Iterator
@@ -51,7 +57,7 @@ def _module(path: str):
 
 def _dir_files(root: Path) -> list[str]:
     out = []
-    for p in sorted(root.rglob("*")):
+    for p in sorted(root.rglob("*")):   # pathlib's ** follows no directory symlink
         if p.is_file() and p.name.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
             if any(part.endswith(".nfb") for part in p.relative_to(root).parts):
                 continue  # an nfb work directory inside the input folder
@@ -67,6 +73,62 @@ def _without(files: list[str], exclude: str | None) -> list[str]:
     wd = exclude + ".nfb"
     return [f for f in files if not inside(f, wd)
             and not (os.path.exists(exclude) and same_file(f, exclude))]
+
+
+def _names(d: str, hidden: bool, dirs_only: bool = False) -> list[str]:
+    """Entry names of directory `d` ([] when it cannot be listed); `dirs_only`: real
+    directories, not symbolic links to them."""
+    try:
+        with os.scandir(d) as it:
+            entries = list(it)
+    except OSError:
+        return []
+    out = []
+    for e in entries:
+        if not hidden and e.name.startswith("."):
+            continue
+        try:
+            if dirs_only and not e.is_dir(follow_symlinks=False):
+                continue
+        except OSError:
+            continue
+        out.append(e.name)
+    return out
+
+
+def _walk(base: str, segs: list[str]) -> Iterator[str]:
+    """Paths under `base` matching the pattern segments `segs`."""
+    if not segs:
+        yield base
+        return
+    seg, rest = segs[0], segs[1:]
+    d = base or os.curdir
+    if seg == "**":
+        yield from _walk(base, rest)          # zero directories
+        if not rest:                          # '**' last: every file below, too
+            for name in _names(d, hidden=False):
+                yield os.path.join(base, name)
+        for name in _names(d, hidden=False, dirs_only=True):
+            yield from _walk(os.path.join(base, name), segs)
+    elif glob.has_magic(seg):
+        for name in _names(d, hidden=seg.startswith(".")):
+            if fnmatch.fnmatchcase(name, seg):
+                yield from _walk(os.path.join(base, name), rest)
+    else:
+        p = os.path.join(base, seg)
+        if os.path.lexists(p):
+            yield from _walk(p, rest)
+
+
+def glob_files(spec: str) -> list[str]:
+    """The files a glob pattern matches, sorted (see the module's note on `**`)."""
+    parts = spec.split(os.sep)
+    i = 0
+    while i < len(parts) and not glob.has_magic(parts[i]):
+        i += 1
+    root = os.sep.join(parts[:i]) or (os.sep if spec.startswith(os.sep) else "")
+    segs = [p for p in parts[i:] if p]
+    return sorted({m for m in _walk(root, segs) if os.path.isfile(m)})
 
 
 def resolve_inputs(specs: list[str], exclude: str | None = None) -> list[str]:
@@ -89,7 +151,7 @@ def resolve_inputs(specs: list[str], exclude: str | None = None) -> list[str]:
             files.extend(_url_files(spec))
             continue
         if any(c in spec for c in "*?["):
-            matches = sorted(m for m in glob.glob(spec, recursive=True) if os.path.isfile(m))
+            matches = glob_files(spec)
             if not matches:
                 raise InputError(f"{spec}: the pattern matches no file")
             files.extend(_without(matches, exclude))
@@ -131,15 +193,20 @@ def _url_files(spec: str) -> list[str]:
     return storage.expand(spec, JSONL_SUFFIXES + PARQUET_SUFFIXES)
 
 
-def read_chunks(files: list[str], batch_rows: int = 1024) -> Iterator[Chunk]:
+def read_chunks(files: list[str], batch_rows: int = 1024,
+                max_line_bytes: int = jsonl.MAX_LINE_BYTES) -> Iterator[Chunk]:
     """Chunks of at most `batch_rows` rows from each file in turn, numbered from 0.
 
     The rows and their numbers are the same whatever `batch_rows` is; a chunk never spans
-    two files.
+    two files. A JSONL line over `max_line_bytes` is one `line_too_long` error row.
     """
     row = 0
     for path in files:
-        for chunk in _module(path).read_chunks(path, row, batch_rows):
+        if input_format(path) == "jsonl":
+            chunks = jsonl.read_chunks(path, row, batch_rows, max_line_bytes)
+        else:
+            chunks = _module(path).read_chunks(path, row, batch_rows)
+        for chunk in chunks:
             row += len(chunk)
             yield chunk
 

@@ -54,7 +54,9 @@ def test_help_names_values_and_shows_nothing_beside_flags(helptext, command):
     text = helptext(*([command] if command else []))
     for name in TYPE_NAMES:
         assert name not in text, (command, name)
-    assert "--no-" not in text            # one line per flag: no --x / --no-x pairs
+    for line in text.splitlines():        # a --x/--no-x pair (a tri-state) on one line
+        for neg in re.findall(r"--no-([\w-]+)", line):
+            assert re.search(rf"--{neg}\s", line), (command, line)
     option_rows = [r for p in ("Options", "Model", "Engine", "Output", "Input", "Sampling",
                                "Reward") for r in rows(text, p)]
     assert option_rows
@@ -63,6 +65,8 @@ def test_help_names_values_and_shows_nothing_beside_flags(helptext, command):
         if not m:
             continue                       # a wrapped help line
         opt, after = m.groups()
+        if after.startswith("--no-"):
+            continue                       # a --x/--no-x pair: no metavar, help follows
         if opt in ("--help", "--version", "--verbose", "--quiet", "--overwrite", "--strict",
                    "--json", "--force", "--trust-remote-code", "--enforce-eager",
                    "--constrain-level", "--best-of-n", "--add-rank", "--drop-errors",

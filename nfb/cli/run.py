@@ -47,8 +47,10 @@ ENGINE_OPTIONS = {
                                     "[default: 0.9 on GPU, 0.2 on CPU, where it sizes the KV "
                                     "cache from RAM].", _ENGINE, min=0.01, max=1.0), None),
     "dtype": (_opt(str, "Weights dtype: auto, bfloat16, float16, float32.", _ENGINE), "auto"),
-    "enforce_eager": (_opt(bool, "Disable CUDA graphs / compilation.", _ENGINE,
-                           "--enforce-eager"), False),
+    "enforce_eager": (_opt(Optional[bool], "Run the model eagerly (no torch.compile, no CUDA "
+                           "graphs) [default: eager on CPU, where compiling costs more than it "
+                           "saves; compiled on GPU].", _ENGINE,
+                           "--enforce-eager/--no-enforce-eager", show_default=False), None),
     "max_in_flight": (_opt(int, "Requests kept in flight in the engine (bounds memory; the "
                            "engine batches within it).", _ENGINE, min=1), 1024),
     "batch_rows": (_opt(int, "Rows read, validated and tokenized together (never changes the "
@@ -102,7 +104,7 @@ def _run(call, task: str, options: dict) -> None:
     from nfb.progress import RichProgress, print_summary
 
     quiet, strict = options.pop("quiet"), options.pop("strict")
-    log = (lambda _m: None) if quiet else (lambda m: err.print(m))
+    log = (lambda _m: None) if quiet else (lambda m: err.print(m, soft_wrap=True))
     result = call(**options, progress=RichProgress(err, enabled=not quiet), log=log)
     if not quiet:
         print_summary(err, result, task)

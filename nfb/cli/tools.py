@@ -17,7 +17,7 @@ def demo(
     print its directory. `--model demo` does this on first use by itself."""
     from nfb.demo import prepare_demo
 
-    print(prepare_demo(force=force, log=lambda m: err.print(m)))
+    print(prepare_demo(force=force, log=lambda m: err.print(m, soft_wrap=True)))
 
 
 @app.command()

@@ -31,6 +31,15 @@ def helptext(monkeypatch):
     return render
 
 
+def flags_of(command: str | None) -> set[str]:
+    """The options of a command (or of nfb itself) that take no value."""
+    group = typer.main.get_command(nfb.cli.app)
+    cmd = group.commands[command] if command else group
+    ctx = cmd.make_context(command or "nfb", [], resilient_parsing=True)
+    return {o for p in cmd.get_params(ctx) if getattr(p, "is_flag", False)
+            for o in (*p.opts, *p.secondary_opts)}
+
+
 def rows(text: str, panel: str) -> list[str]:
     """The rows of one rich panel, with the box drawn off ('│ ... │' -> '...')."""
     out, inside = [], False
@@ -67,10 +76,7 @@ def test_help_names_values_and_shows_nothing_beside_flags(helptext, command):
         opt, after = m.groups()
         if after.startswith("--no-"):
             continue                       # a --x/--no-x pair: no metavar, help follows
-        if opt in ("--help", "--version", "--verbose", "--quiet", "--overwrite", "--strict",
-                   "--json", "--force", "--trust-remote-code", "--enforce-eager",
-                   "--constrain-level", "--best-of-n", "--add-rank", "--drop-errors",
-                   "--drop-nfb-columns"):
+        if opt in flags_of(command):
             # a flag: its help text follows at once, no metavar (starts with a capital)
             assert after[0].isupper() and not after.isupper(), (command, row)
         else:

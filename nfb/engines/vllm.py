@@ -64,9 +64,9 @@ def memory_fraction(cfg: EngineConfig) -> float:
 
 def eager(cfg: EngineConfig) -> bool:
     """--enforce-eager, or its default: eager on a CPU, where vLLM's torch.compile costs more
-    than it saves (about 60 s of a 2-core start, on every run: vLLM 0.32's CPU build cannot
-    load its own compile cache) and the demo model scores as fast without it; on a GPU,
-    vLLM's default (compiled, CUDA graphs)."""
+    than it saves (about 90 CPU-seconds of every start on 2 cores: vLLM 0.32's CPU build
+    cannot load its own compile cache), while the demo model scores within a few seconds of
+    the compiled speed; on a GPU, vLLM's default (compiled, CUDA graphs)."""
     return cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu()
 
 

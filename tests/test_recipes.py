@@ -117,7 +117,7 @@ def test_flags_that_do_not_fit_exit_2(stub_cli, no_engine, models, rmodels, src,
 def test_unknown_model_gets_a_note_and_the_generic_path(stub_cli, models, src, tmp_path):
     r = stub_cli("score", src[0], "-o", tmp_path / "o.parquet", "--model", models["rm1"])
     assert r.exit_code == 0, r.output
-    assert "no nfb recipe" in r.output
+    assert "no nfb recipe" in r.output and "chat template" in r.output
 
 
 def test_recipe_in_provenance_and_context_limit(stub_cli, rmodels, tmp_path):

@@ -9,16 +9,123 @@ import functools
 import inspect
 import os
 import sys
+import typing
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from nfb import __version__
 from nfb.errors import EXIT_INTERRUPTED, Interrupted, NfbError
 from nfb.logs import verbose
 
-app = typer.Typer(
+# --- how the help reads -----------------------------------------------------------------------
+# Every value names what it is (PATH, MODEL, N ...), never a Python type: a `metavar=` in the
+# declaration wins, else the parameter's name says it (the same name reads the same in every
+# command), else its type. Flags show nothing beside them.
+METAVARS = {
+    "inputs": "INPUT", "output": "PATH", "nemo": "CHECKPOINT", "model": "MODEL",
+    "tokenizer": "TOKENIZER", "revision": "REV", "recipe": "RECIPE", "shard": "I/N",
+    "dtype": "DTYPE", "engine": "vllm|ray", "ray_address": "ADDRESS", "prefix": "PREFIX",
+    "weights": "WEIGHTS", "attributes": "NAMES", "reward_token": "TOKEN",
+    "prompt_format": "chat|steerlm", "principle": "PRINCIPLE", "strategy": "best-worst|all-pairs",
+    "where": "SQL", "min_level": "LEVEL", "max_level": "LEVEL", "min_reward": "X",
+    "max_reward": "X", "min_margin": "X", "top_k": "K", "per_group": "K", "score": "COLUMN",
+    "group_by": "COLUMN", "human": "COLUMN", "human_level": "COLUMN", "subset": "COLUMN",
+    "pair": "MODEL_COL=HUMAN_COL", "chosen": "FIELD", "rejected": "FIELD", "title": "TEXT",
+    "stall_timeout": "SECONDS", "checkpoint_every": "SECONDS", "confidence": "LEVEL",
+}
+_BY_SUFFIX = {"_field": "FIELD", "_path": "PATH", "_dir": "DIR", "_seconds": "SECONDS"}
+_BY_TYPE = {"int": "N", "integer": "N", "float": "FLOAT", "path": "PATH"}
+
+
+def _type_name(param) -> str:
+    """The value's type, lower case ('int', 'float', 'str', 'path'), in Typer with or without
+    Click underneath."""
+    if getattr(param, "type", None) is not None:          # Click's ParamType
+        return getattr(param.type, "name", "").split()[0].lower()
+    ann = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    while typing.get_args(ann):                           # list[int] -> int
+        ann = typing.get_args(ann)[0]
+    return getattr(ann, "__name__", "").lower()
+
+
+def metavar_for(param) -> str:
+    """What a value is called in the help: the declared metavar, else by name, else by type."""
+    if param.metavar is not None:
+        return param.metavar
+    name = param.name or ""
+    if name in METAVARS:
+        return METAVARS[name]
+    for suffix, label in _BY_SUFFIX.items():
+        if name.endswith(suffix):
+            return label
+    return _BY_TYPE.get(_type_name(param), "TEXT")
+
+
+def _tidy(params: list) -> list:
+    """Metavars instead of type names; no metavar on flags; help text taken as plain text
+    (a '[default: x]' in it is text, not Rich markup)."""
+    for p in params:
+        if getattr(p, "_nfb_tidy", False):
+            continue
+        p._nfb_tidy = True
+        if p.help:
+            p.help = escape(p.help)
+        if isinstance(p, TyperOption):
+            p.metavar = "" if (p.is_flag or p.count) else metavar_for(p)
+        elif isinstance(p, TyperArgument):
+            p.metavar = metavar_for(p)
+            # the name column already says it (INPUT, and `...` in the usage line for many):
+            # no type column beside it
+            p.display_type_rich = lambda ctx: None
+    return params
+
+
+def reflow(help_text: str) -> str:
+    """A docstring as paragraphs of whole lines: the source's line breaks inside a paragraph
+    go (the terminal wraps them); a paragraph that starts with \\b keeps its lines."""
+    paragraphs = inspect.cleandoc(help_text).split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split()) for p in paragraphs)
+
+
+def summary(help_text: str | None) -> str | None:
+    """A command's line in `nfb --help`: its docstring's first paragraph, reflowed."""
+    if not help_text:
+        return None
+    return reflow(help_text).split("\n\n", 1)[0]
+
+
+class NfbCommand(TyperCommand):
+    """A command whose `nfb --help` line is its docstring's first paragraph, whole, and whose
+    own --help has the rest; help text is plain text (no Rich markup)."""
+
+    def __init__(self, *args, help=None, short_help=None, **kwargs):
+        super().__init__(*args, help=escape(reflow(help)) if help else help,
+                         short_help=escape(short_help or summary(help) or "") or None,
+                         **kwargs)
+
+    def get_params(self, ctx):
+        return _tidy(super().get_params(ctx))
+
+
+class NfbGroup(TyperGroup):
+    def get_params(self, ctx):
+        return _tidy(super().get_params(ctx))
+
+
+class NfbTyper(typer.Typer):
+    """Typer whose commands are NfbCommands (metavars, whole-sentence summaries)."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or NfbCommand, **kwargs)
+
+
+app = NfbTyper(
+    cls=NfbGroup,
+    rich_markup_mode="rich",
     name="nfb",
     help="Score datasets of LLM conversations offline with NVIDIA Nemotron feedback and reward "
          "models on vLLM. Output keeps every input column and adds nfb's; runs resume where "

@@ -29,7 +29,7 @@ def convert(
              "checkpoints; Llama 3's for Llama3-70B-SteerLM-RM). Copied into the output.",
         show_default=False)],
     overwrite: Annotated[bool, typer.Option(
-        help="Replace an existing output directory.")] = False,
+        "--overwrite", help="Replace an existing output directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Convert a NeMo-Aligner regression reward model (Llama architecture) into a Hugging Face

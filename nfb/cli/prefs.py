@@ -13,7 +13,7 @@ from nfb.errors import EXIT_USAGE
 Scored = Annotated[list[str], typer.Argument(
     help="nfb outputs (.parquet or .jsonl), globs or directories.", show_default=False)]
 Prefix = Annotated[str, typer.Option(help="The --prefix the scoring run used.")]
-Overwrite = Annotated[bool, typer.Option(help="Replace an existing output.",
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.",
                                          rich_help_panel="Output")]
 
 

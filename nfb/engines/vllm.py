@@ -62,12 +62,20 @@ def memory_fraction(cfg: EngineConfig) -> float:
     return 0.2 if on_cpu() else 0.9
 
 
+def eager(cfg: EngineConfig) -> bool:
+    """--enforce-eager, or its default: eager on a CPU, where vLLM's torch.compile costs more
+    than it saves (about 90 CPU-seconds of every start on 2 cores: vLLM 0.32's CPU build
+    cannot load its own compile cache), while the demo model scores within a few seconds of
+    the compiled speed; on a GPU, vLLM's default (compiled, CUDA graphs)."""
+    return cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu()
+
+
 def engine_kwargs(cfg: EngineConfig, runner: str) -> dict:
     """vLLM engine arguments for `cfg` (shared by the in-process and Ray engines)."""
     kwargs: dict[str, Any] = dict(
         revision=cfg.revision, tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype,
         trust_remote_code=cfg.trust_remote_code,
-        gpu_memory_utilization=memory_fraction(cfg), enforce_eager=cfg.enforce_eager)
+        gpu_memory_utilization=memory_fraction(cfg), enforce_eager=eager(cfg))
     if cfg.enable_prefix_caching is not None:
         kwargs["enable_prefix_caching"] = cfg.enable_prefix_caching
     if cfg.max_model_len:

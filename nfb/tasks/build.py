@@ -71,8 +71,7 @@ def score_task(model: str, *, revision: str | None, trust_remote_code: bool,
             raise UsageError("--principle and --principle-field are for a principle reward model "
                              "(nvidia/Llama-3.3-Nemotron-70B-Reward-Principle); this model has "
                              "no principles (pass --recipe if it is a copy of that model)")
-        log(f"note: no nfb recipe for {model}: generic path (chat template, raw heads); "
-            "`nfb models` lists the models nfb knows")
+        pass   # the note is written once the task is known: what nfb applies, and why
     else:
         log(f"recipe {found.name} ({how}): {found.card}")
         if principled and found.task != "principle":
@@ -116,6 +115,7 @@ def score_task(model: str, *, revision: str | None, trust_remote_code: bool,
             "--reward-token; for a feedback model use `nfb feedback`.")
     else:
         heads = info.num_heads
+    given_format = prompt_format
     fmt = prompt_format or converted.get("prompt_format") or "chat"
     bias = converted.get("head_bias")
     if bias is not None and len(bias) != heads:
@@ -135,15 +135,51 @@ def score_task(model: str, *, revision: str | None, trust_remote_code: bool,
         if (parsed is not None and (found is None or not found.weights)) or attributes:
             raise UsageError("this model has a single output, which is the reward itself: "
                              "--weights and --attributes do not apply")
+        if found is None:
+            log(_generic_note(model, converted, given_format, fmt, bias, reward_token, None))
         return ScoreTask(None, None, bias=bias, prompt_format=fmt, **extra), overrides
     names = attribute_names(heads, info.id2label, attributes)
+    weights_how = f"--weights {weights}" if parsed is not None else None
     if parsed is None:
         if tuple(names) != STEERLM_ATTRIBUTES:
             raise UsageError(f"this model has {heads} heads ({', '.join(names)}): say how they "
                              "combine into `reward` with --weights")
         parsed = parse_weights("llama3-70b-steerlm")
+        weights_how = "llama3-70b-steerlm, the default for the 9 SteerLM heads"
+    if found is None:
+        log(_generic_note(model, converted, given_format, fmt, bias, None, weights_how))
     return ScoreTask(names, resolve_weights(parsed, names), bias=bias, prompt_format=fmt,
                      **extra), overrides
+
+
+def _generic_note(model: str, converted: dict, given_format: str | None, fmt: str,
+                  bias: list[float] | None, reward_token: str | None,
+                  weights_how: str | None) -> str:
+    """What nfb applies to a model it has no recipe for, and why (one line)."""
+    if converted:
+        head = (f"note: {model} was made by `nfb convert` but matches no nfb recipe (its "
+                "shape is no known model's), so nfb applies what the conversion recorded")
+    else:
+        head = f"note: no nfb recipe for {model} (`nfb models` lists the models nfb knows)"
+    what = []
+    if given_format:
+        what.append(f"the {fmt} prompt format (--prompt-format)")
+    elif fmt == "steerlm":
+        what.append("the SteerLM prompt format (the one NeMo-Aligner trained it with)")
+    else:
+        what.append("the model's chat template")
+    if reward_token is not None:
+        what.append(f"the reward is the logit of token {reward_token!r} (--reward-token)")
+    elif bias is not None:
+        what.append(f"the head bias ({len(bias)} value{'s' if len(bias) > 1 else ''}, "
+                    "added by nfb: vLLM's heads cannot hold it)")
+    else:
+        what.append("the raw heads")
+    if weights_how:
+        what.append(f"the weights {weights_how}")
+    elif reward_token is None:
+        what.append("the single output is the reward")
+    return f"{head}: {'; '.join(what)}"
 
 
 def _principle_task(model, found, *, revision, trust_remote_code, weights, attributes,

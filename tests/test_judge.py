@@ -127,6 +127,84 @@ def test_votes_average_the_samples_that_parse():
     assert set(v) == set(cols.schema().names) == set(none)
 
 
+# --- NVIDIA's rules, read from their code and written out here (independent expectations) ---
+
+def nvidia_final_answer(response: str) -> str:
+    """NeMo-RL nemo_rl/environments/genrm_rlhf_environment.py: `if reasoning_split_word in
+    response: response = response.split(reasoning_split_word)[-1].lstrip()` ("</think>");
+    NeMo Gym genrm_compare utils.extract_output_text: "None" when the answer is empty."""
+    if "</think>" in response:
+        response = response.split("</think>")[-1].lstrip()
+    if not response or not response.strip():
+        return "None"
+    return response
+
+
+def nvidia_aggregate(results: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """NeMo Gym genrm_compare utils.aggregate_scores (simple_tiebreaker) for one pair judged
+    len(results) times (num_judges_per_comparison), each result (score_1, score_2, ranking),
+    an unparsable one already replaced by (default_score 3.0, 3.0, default_ranking 3.5)."""
+    acc, n = [0.0, 0.0], 0
+    for score_1, score_2, ranking in results:
+        if score_1 == score_2:
+            adjustment = 3.5 - ranking
+            score_1 = score_1 + adjustment
+            score_2 = score_2 - adjustment
+        acc[0] += score_1
+        acc[1] += score_2
+        n += 1
+    return acc[0] / n, acc[1] / n
+
+
+@pytest.mark.parametrize("response", [
+    "<think>\nweigh it</think>\n\n  The answer is 4.", "no reasoning here", "<think>a</think>",
+    "x</think>y</think>  z", "</think>", "  ", "<think>never closed"])
+def test_judged_responses_are_their_final_answer_as_nvidia_sends_them(response):
+    from nfb.records import Conversation
+    from nfb.tasks.judge import final_answer, judge_messages
+
+    assert final_answer(response) == nvidia_final_answer(response)
+    conv = Conversation(({"role": "user", "content": "Q?"},), response, (response, "<think>"
+                                                                         "b</think>B"))
+    msgs = judge_messages(conv, conv.alternatives)
+    assert [m["content"] for m in msgs[1:]] == [nvidia_final_answer(response), "B"]
+
+
+def test_nvidia_votes_are_nemo_gyms_aggregate_scores():
+    def boxed(x, y, z):
+        return (f"<think>t</think>[The Begin of Individual Scores]\n\\boxed{{{x}, {y}}}\n"
+                f"[The End of Individual Scores]\n[The Begin of Ranking Score]\n\\boxed{{{z}}}"
+                "\n[The End of Ranking Score]")
+    cases = [
+        [(4, 4, 2), (3, 5, 5), None],         # a tie broken by the ranking; one unreadable
+        [(2, 2, 6), (2, 2, 1)],               # two ties, opposite ways
+        [None, None],                         # nothing readable: the fallback values
+        [(5, 1, 1)],
+    ]
+    for case in cases:
+        texts = [boxed(*c) if c else "</think>no scores" for c in case]
+        cols = JudgeColumns(responses=2, samples=len(texts), votes="nvidia")
+        v = cols.values(texts)
+        results = [c if c else (3.0, 3.0, 3.5) for c in case]
+        h1, h2 = nvidia_aggregate(results)
+        assert (v["helpfulness_1"], v["helpfulness_2"]) == pytest.approx((h1, h2))
+        assert v["ranking"] == pytest.approx(sum(r[2] for r in results) / len(results))
+        mean = JudgeColumns(responses=2, samples=len(texts)).values(texts)
+        parsed = [c for c in case if c]
+        if parsed:   # the default: the model's own scores, the unreadable ones left out
+            assert mean["helpfulness_1"] == pytest.approx(sum(c[0] for c in parsed)
+                                                          / len(parsed))
+        else:
+            assert mean["helpfulness_1"] is None and v["judge_error"] is not None
+    one = JudgeColumns(responses=1, samples=2, votes="nvidia").values(["</think>x", one_text(5)])
+    assert one["helpfulness"] == 4.0   # (3.0 fallback + 5) / 2
+
+
+def one_text(score) -> str:
+    return ("<think>hm</think>[The Begin of Individual Scores]\n\\boxed{" + str(score)
+            + "}\n[The End of Individual Scores]")
+
+
 # --- mechanics (stub engine) ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -253,7 +331,11 @@ def plain_template_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("model,args,match", [
     ("genrm", ["--recipe", "qwen3-nemotron-235b-a22b-genrm"], "two responses at once"),
-    ("genrm", ["--recipe", "qwen3-nemotron-32b-genrm-principle"], "not yet supported"),
+    ("genrm", ["--recipe", "qwen3-nemotron-32b-genrm-principle"], "--principle TEXT"),
+    ("genrm", ["--recipe", "qwen3-nemotron-32b-genrm-principle", "--principle", "x"],
+     "drops the 'principle' turn"),
+    ("genrm", ["--principle", "x"], "for the Principle GenRM"),
+    ("genrm", ["--votes", "median"], "--votes 'median'"),
     ("genrm", ["--recipe", "llama-3.3-nemotron-70b-reward"], "nfb score"),
     ("genrm", ["--recipe", "llama-3.3-nemotron-70b-feedback"], "nfb feedback"),
     ("genrm", ["--recipe", "nope"], "unknown"),

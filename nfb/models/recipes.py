@@ -13,6 +13,9 @@ Score methods:
   `classifier_from_token ["No", "Yes"]`, method `from_2_way_softmax`, which loads one head
   W[Yes] - W[No]; read with no activation it is exactly the raw difference).
 - `generate`: a generative model (feedback text, or a GenRM's reasoning and scores: `nfb judge`).
+- `generate_yes_minus_no`: a generative principle reward model (`nfb judge --principle`): it
+  reasons, ends "Final Judgement: Yes/No", and the reward is read from the top-20
+  log-probabilities of that answer (nfb.tasks.principle).
 
 Matching (`find_recipe`): `--recipe NAME` (a recipe name or hub id) wins; else the model
 argument itself when it is a hub id; else, for a local directory, the `nfb` key that
@@ -36,8 +39,11 @@ class Recipe:
     name: str                         # short name for --recipe
     hub_id: str
     task: str                         # "score" | "principle" | "feedback" | "judge"
+    #                                   | "judge_principle" (the Principle GenRM)
     prompt_format: str                # "chat" | "steerlm"
     method: str                       # "classifier" | "token_logit" | "yes_minus_no" | "generate"
+    #                                   | "generate_yes_minus_no" (generate, then the Yes/No
+    #                                   log-probabilities of the final answer)
     columns: tuple[str, ...]          # output columns (before --prefix)
     context_limit: int | None = None  # prompt tokens at most (rows over it: prompt_too_long)
     tokens: tuple[str, ...] = ()      # the tokens read: ids as digits, or token strings
@@ -138,11 +144,16 @@ RECIPES: tuple[Recipe, ...] = (
            "'128k tokens' (nfb reads it as 131,072); NVIDIA's code reads its scores as JSON "
            "(score_1, score_2, ranking), which nfb parses beside the boxed format"),
     Recipe("qwen3-nemotron-32b-genrm-principle", "nvidia/Qwen3-Nemotron-32B-GenRM-Principle",
-           "judge", "chat", "generate", ("reward",), supported=False,
-           note="a generative principle reward model whose reward is read from the scores of "
-           "its final Yes/No answer; the card's exact recipe (which tokens, which position, "
-           "logits or log-probabilities) could not be verified, and nfb does not guess a "
-           "reward: not supported yet"),
+           "judge_principle", "chat", "generate_yes_minus_no", ("reward",),
+           tokens=(" Yes", " No"), responses=(1,),
+           note="`nfb judge --principle TEXT` (or --principle-field): [conversation, "
+           "assistant: the response's final answer, principle: TEXT], add_generation_prompt="
+           "True; the model reasons and ends 'Final Judgement: Yes/No'. card: reward = "
+           "clip(s[' Yes'] - max, -50) - clip(s[' No'] - max, -50) at scores[-2]; nfb reads it "
+           "from vLLM's top-20 log-probabilities as NeMo-RL's principle_genrm_for_rlhf_"
+           "environment.py does (greedy, 200 tokens by default; no 'Final Judgement:' or a "
+           "token outside the top 20: null with --votes mean, NeMo-RL's 0.0 with --votes "
+           "nvidia)"),
 )
 
 # `nfb convert` writes config.json nfb.recipe: these are its values

@@ -24,7 +24,8 @@ PROMPT_FORMATS = ("chat", "steerlm")
 
 
 # which verb runs a recipe's task, and what kind of model that is
-VERBS = {"score": "score", "principle": "score", "feedback": "feedback", "judge": "judge"}
+VERBS = {"score": "score", "principle": "score", "feedback": "feedback", "judge": "judge",
+         "judge_principle": "judge"}
 _KINDS = {"score": "a reward model", "feedback": "a feedback model",
           "judge": "a generative reward model (it reasons, then writes its scores)"}
 

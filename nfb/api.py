@@ -371,6 +371,20 @@ def _check_judge_template(model: str, revision: str | None, trust_remote_code: b
         raise UsageError(f"{model}: {why}: is this a generative reward model?")
 
 
+def _card_context(cfg: RunConfig, limit: int | None, log: Callable[[str], None]) -> RunConfig:
+    """A local model whose config.json states no context length runs with its card's (the
+    recipe's context_limit) unless --max-model-len is given: transformers would otherwise fill
+    in its class default (2,048 for Llama), which would refuse rows the card allows."""
+    from nfb.modelinfo import config_context
+
+    model = cfg.engine.model
+    if not limit or cfg.engine.max_model_len or not os.path.isdir(model) \
+            or config_context(model) is not None:
+        return cfg
+    log(f"note: {model}'s config states no context length: the card's {limit:,} tokens")
+    return replace(cfg, engine=replace(cfg.engine, max_model_len=limit))
+
+
 def score(
     inputs: str | Sequence[str], output: str, *,
     model: str, weights: str | Sequence[float] | dict | None = None,
@@ -424,6 +438,7 @@ def score(
         principle_field=principle_field, log=log)
     if hf_overrides:
         cfg = replace(cfg, engine=replace(cfg.engine, hf_overrides=hf_overrides))
+    cfg = _card_context(cfg, getattr(task, "context_limit", None), log)
     if getattr(task, "principles", None) is not None:
         # every principle of a row repeats the conversation: cache the shared prefix
         cfg = replace(cfg, engine=replace(cfg.engine, enable_prefix_caching=True))

@@ -526,3 +526,168 @@ def test_template_checked_on_the_engines_tokenizer(stub_cli, engines, plain_temp
     r = stub_cli("judge", path, "-o", out, "--model", plain_template_dir, "--max-tokens", "512")
     assert r.exit_code == 2 and "drops the judged response" in r.output, r.output
     assert not out.exists()
+
+
+# --- the Principle GenRM (nvidia/Qwen3-Nemotron-32B-GenRM-Principle) -------------------------
+
+PRINCIPLE_GENRM = "nvidia/Qwen3-Nemotron-32B-GenRM-Principle"
+
+
+def card_reward(scores, yes: int, no: int) -> float:
+    """The card's Quick Start on one position's scores: clip(s[Yes] - max, -50) -
+    clip(s[No] - max, -50) (scores: any sequence of floats, by token id)."""
+    best = max(scores)
+    return max(scores[yes] - best, -50.0) - max(scores[no] - best, -50.0)
+
+
+def nemo_rl_reward(text: str, top20: dict[int, float], yes: int, no: int) -> float:
+    """NeMo-RL principle_genrm_for_rlhf_environment.py verify_with_principle: 0.0 without
+    "Final Judgement:"; logprob(Yes) - logprob(No) at position -2 when both are in its top-20
+    dict; 0.0 when either is missing (-inf)."""
+    if "Final Judgement:" not in text:
+        return 0.0
+    y = top20.get(yes, float("-inf"))
+    n = top20.get(no, float("-inf"))
+    if y == float("-inf") or n == float("-inf"):
+        return 0.0
+    return y - n
+
+
+def test_principle_reward_is_the_cards_and_nemo_rls():
+    from nfb.config import SamplingConfig
+    from nfb.engines.base import Sample
+    from nfb.tasks.principle import PrincipleJudgeTask
+
+    yes, no, other = 11, 12, 13
+    top = {other: -0.2, yes: -1.9, no: -3.1}
+    eos = {0: -0.01}
+    cases = [
+        Sample("<think>x</think>Final Judgement: Yes", ({}, top, eos)),
+        Sample("<think>x</think>Final Judgement: No", ({}, {no: -0.1, other: -2.5}, eos)),
+        Sample("<think>x</think>It depends.", ({}, top, eos)),   # no Final Judgement
+    ]
+    for votes in ("mean", "nvidia"):
+        task = PrincipleJudgeTask(SamplingConfig(samples=1, logprobs=20), principle="p",
+                                  votes=votes)
+        task.ids = (yes, no)
+        got = [task.parse([[c]]) for c in cases]
+        # both in the top 20: the card's formula (log-probabilities are logits less one
+        # constant at a position) and NeMo-RL's difference agree
+        logits = [0.0] * 14
+        for i, lp in top.items():
+            logits[i] = lp + 7.0
+        for i in range(14):
+            if i not in top:
+                logits[i] = -60.0
+        assert got[0]["reward"] == pytest.approx(card_reward(logits, yes, no))
+        assert got[0]["reward"] == pytest.approx(nemo_rl_reward(cases[0].text, top, yes, no))
+        if votes == "nvidia":   # NeMo-RL's 0.0 for a missing token or Final Judgement
+            assert got[1]["reward"] == nemo_rl_reward(cases[1].text, cases[1].tail[1], yes, no)
+            assert got[2]["reward"] == nemo_rl_reward(cases[2].text, top, yes, no) == 0.0
+        else:                   # nfb's default: no made-up reward, the reason instead
+            assert got[1]["reward"] is None and got[1]["judge_error"].startswith("not_in_top_20")
+            assert got[2]["reward"] is None
+            assert got[2]["judge_error"].startswith("no_final_judgement")
+    clipped = PrincipleJudgeTask(SamplingConfig(logprobs=20), principle="p")
+    clipped.ids = (yes, no)
+    far = Sample("Final Judgement: Yes", ({other: -0.01, yes: -70.0, no: -90.0}, eos))
+    # both over 50 below the top token: the card clips both to -50
+    assert clipped.parse([[far]])["reward"] == 0.0
+
+
+PRINCIPLES = ("correctness", "brevity")
+
+
+def _principle_conversations():
+    convs = []
+    for i, r in enumerate(ROWS[:4]):
+        for k, p in enumerate(PRINCIPLES):
+            m = [{"role": "user", "content": r["prompt"]},
+                 {"role": "assistant", "content": r["response"]},
+                 {"role": "principle", "content": p}]
+            convs.append((m, tiny_models.principle_target((i + k) % 2 == 0)))
+    return convs
+
+
+@pytest.fixture(scope="module")
+def principle_genrm(tmp_path_factory):
+    return tiny_models.build_principle_genrm(tmp_path_factory.mktemp("judge") / "pgenrm",
+                                             _principle_conversations(), PRINCIPLE_GENRM)
+
+
+def test_principle_genrm_mechanics(stub_cli, engines, principle_genrm, tmp_path):
+    """--principle or --principle-field; what the model sees ([conversation, assistant: the
+    final answer, principle]); the reasoning of a judged response left out and counted."""
+    from transformers import AutoTokenizer
+
+    rows = [{"prompt": "Q?", "response": "<think>draft</think>\n The answer.", "rule": "brevity"},
+            {"prompt": "R?", "response": "Plain.", "rule": None}]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    seen = []
+
+    class Seeing(StubEngine):
+        def generate(self, requests, sampling, can_feed):
+            def spy():
+                for key, ids in requests:
+                    seen.append(self.tokenizer.decode(ids))
+                    yield key, ids
+            assert sampling.logprobs == 20 and sampling.temperature == 0.0
+            assert sampling.max_tokens == 200      # NeMo-RL's defaults
+            yield from StubEngine.generate(self, spy(), sampling, can_feed)
+    engines("vllm", Seeing)
+    out = tmp_path / "o.parquet"
+    r = stub_cli("judge", path, "-o", out, "--model", principle_genrm, "--principle-field", "rule")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("final answer only") == 1
+    t = pq.read_table(out)
+    got = t.to_pylist()
+    assert got[1]["nfb_error"] == "null_field:rule"
+    assert isinstance(got[0]["reward"], float) and got[0]["judge_error"] is None
+    tok = AutoTokenizer.from_pretrained(principle_genrm)
+    assert seen == [tok.apply_chat_template(
+        [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "The answer."},
+         {"role": "principle", "content": "brevity"}], tokenize=False,
+        add_generation_prompt=True)]
+    meta = orjson.loads(t.schema.metadata[b"nfb"])
+    assert meta["summary"]["notes"] == {"response_reasoning_left_out": 1}
+    assert meta["task_settings"]["recipe"] == "qwen3-nemotron-32b-genrm-principle"
+    assert meta["task_settings"]["sampling"]["logprobs"] == 20
+    r = stub_cli("judge", path, "-o", tmp_path / "x.parquet", "--model", principle_genrm,
+                 "--principle", "a", "--engine", "ray")
+    assert r.exit_code == 2 and "log-probabilities" in r.output
+
+
+@pytest.mark.slow
+def test_principle_genrm_equals_transformers_generate(cli, principle_genrm, tmp_path):
+    """`nfb judge --principle` through vLLM == transformers generate(output_scores=True) with
+    the card's formula at scores[-2], on a tiny Qwen3ForCausalLM trained to answer."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(principle_genrm)
+    model = Qwen3ForCausalLM.from_pretrained(principle_genrm, dtype=torch.float32)
+    yes, no = (tok.encode(w, add_special_tokens=False)[0] for w in (" Yes", " No"))
+    refs = {}
+    for messages, target in _principle_conversations():
+        enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                      return_tensors="pt")
+        with torch.no_grad():
+            g = model.generate(**enc, max_new_tokens=200, do_sample=False, output_scores=True,
+                               return_dict_in_generate=True)
+        text = tok.decode(g.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert text == target and g.sequences[0, -1] == tok.eos_token_id
+        scores = g.scores[-2][0].tolist()
+        top20 = set(torch.topk(g.scores[-2][0], 20).indices.tolist())
+        assert yes in top20 and no in top20    # the comparison is of the formula, not the 0
+        refs[(messages[0]["content"], messages[2]["content"])] = card_reward(scores, yes, no)
+    rows = [{"prompt": r["prompt"], "response": r["response"], "p": p}
+            for r in ROWS[:4] for p in PRINCIPLES]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "o.parquet"
+    r = cli("judge", path, "-o", out, "--model", principle_genrm, "--principle-field", "p", *F32)
+    assert r.exit_code == 0, r.output
+    got = pq.read_table(out).to_pylist()
+    assert {x["reward"] > 0 for x in got} == {True, False}      # Yes and No answers both
+    for x in got:
+        assert x["judge_error"] is None
+        assert x["reward"] == pytest.approx(refs[(x["prompt"], x["p"])], abs=2e-3)

@@ -413,3 +413,34 @@ def test_steerlm_system_turns_counted_across_a_resume(stub_cli, engines, models,
     assert r.exit_code == 0 and "system_turn_left_out" not in r.output
     ref = pq.read_table(ref_out).column("reward").to_pylist()
     assert [x["reward"] for x in got] == ref
+
+
+def test_card_context_when_the_config_states_none_and_9_heads_need_a_recipe(
+        stub_cli, models, rmodels, src, tmp_path):
+    """A 9-head model named as Nemotron-4-340B-Reward whose config states no context length
+    runs with the card's 4,096 tokens; the same heads with no recipe exit 2 without --weights;
+    a token-logit model whose generation_config samples is noted."""
+    import json
+    import shutil
+
+    m = tmp_path / "n340"
+    shutil.copytree(models["rm9"], m)
+    cfg = json.loads((m / "config.json").read_text())
+    del cfg["max_position_embeddings"]
+    (m / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "o.parquet"
+    r = stub_cli("score", src[0], "-o", out, "--model", m, "--recipe", "nemotron-4-340b-reward")
+    assert r.exit_code == 0, r.output
+    assert "states no context length: the card's 4,096 tokens" in r.output
+    meta = orjson.loads(pq.read_table(out).schema.metadata[b"nfb"])
+    assert meta["max_model_len"] == 4096 and meta["task_settings"]["context_limit"] == 4096
+    assert meta["task_settings"]["weights"]["correctness"] == 0.74    # the card's preset
+    r = stub_cli("score", src[0], "-o", tmp_path / "x.parquet", "--model", m)
+    assert r.exit_code == 2 and "give --weights" in r.output, r.output
+    tok = tmp_path / "token"
+    shutil.copytree(rmodels["token"], tok)
+    (tok / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    r = stub_cli("score", src[0], "-o", tmp_path / "t.parquet", "--model", tok)
+    assert r.exit_code == 0, r.output
+    assert "generation_config samples" in r.output and "raw logits" in r.output

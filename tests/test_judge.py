@@ -668,14 +668,16 @@ def test_principle_genrm_equals_transformers_generate(cli, principle_genrm, tmp_
     model = Qwen3ForCausalLM.from_pretrained(principle_genrm, dtype=torch.float32)
     yes, no = (tok.encode(w, add_special_tokens=False)[0] for w in (" Yes", " No"))
     refs = {}
-    for messages, target in _principle_conversations():
+    for messages, _ in _principle_conversations():
         enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
                                       return_tensors="pt")
         with torch.no_grad():
             g = model.generate(**enc, max_new_tokens=200, do_sample=False, output_scores=True,
                                return_dict_in_generate=True)
         text = tok.decode(g.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        assert text == target and g.sequences[0, -1] == tok.eos_token_id
+        # the card's format, closed by the end of turn (so scores[-2] is the answer)
+        assert text.endswith(("Final Judgement: Yes", "Final Judgement: No"))
+        assert g.sequences[0, -1] == tok.eos_token_id
         scores = g.scores[-2][0].tolist()
         top20 = set(torch.topk(g.scores[-2][0], 20).indices.tolist())
         assert yes in top20 and no in top20    # the comparison is of the formula, not the 0

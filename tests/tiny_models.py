@@ -297,7 +297,7 @@ def build_principle_genrm(out: Path, conversations: list[tuple[list[dict], str]]
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, tie_word_embeddings=False, torch_dtype="float32")
     model = Qwen3ForCausalLM(cfg)
-    _train(model, tok, conversations, steps, stop_loss=2e-2)
+    _train(model, tok, conversations, steps, stop_loss=5e-3)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
     _set_name_or_path(out, name_or_path)

@@ -278,8 +278,9 @@ def judge(
     revision: str | None = None,
     prompt_field: str = "prompt", response_field: str | Sequence[str] | None = "response",
     messages_field: str | None = None,
-    samples: int = 1, temperature: float = JUDGE_TEMPERATURE, top_p: float = JUDGE_TOP_P,
-    max_tokens: int = JUDGE_MAX_TOKENS, seed: int | None = None,
+    principle: str | None = None, principle_field: str | None = None,
+    samples: int = 1, votes: str = "mean", temperature: float | None = None,
+    top_p: float | None = None, max_tokens: int | None = None, seed: int | None = None,
     tensor_parallel_size: int = 1, max_model_len: int | None = None,
     gpu_memory_utilization: float | None = None, dtype: str = "auto",
     trust_remote_code: bool = False, enforce_eager: bool | None = None,
@@ -298,16 +299,25 @@ def judge(
     Two responses (`response_field=["a", "b"]`): `helpfulness_1`, `helpfulness_2`, `ranking`
     (1-6, below 3.5 prefers the first) and `preferred` (1 or 2). Always `judgement` (the text
     after the reasoning) and `judge_error` (why a judgement could not be read, else null).
-    With samples > 1 the scores are the mean over the samples that parsed (`judge_votes`)."""
-    from nfb.tasks.judge import JudgeTask
+    With samples > 1 the scores combine by `votes`: "mean" (default: the mean over the samples
+    that parsed, `judge_votes`; the columns stay on the model's scales and an unreadable row
+    stays null) or "nvidia" (NeMo Gym's aggregate_scores: fallback values for unreadable
+    samples, ties broken by the ranking, then the mean).
+
+    The Principle GenRM (nvidia/Qwen3-Nemotron-32B-GenRM-Principle) takes `principle` (or
+    `principle_field`) and writes `reward`; its sampling defaults are NeMo-RL's (greedy, 200
+    tokens)."""
+    from nfb.tasks.judge import VOTES, JudgeTask
 
     log = log or (lambda _m: None)
     names = _response_names(response_field)
     if len(names) > 2:
         raise UsageError("a GenRM judges one response or two: give --response-field once or "
                          "twice")
-    sampling = _sampling(engine, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                         seed=seed, samples=samples)
+    if votes not in VOTES:
+        raise UsageError(f"--votes {votes!r}: use {' or '.join(VOTES)}")
+    if principle is not None and not str(principle).strip():
+        raise UsageError("--principle is empty")
     cfg = _run_config(
         inputs, output, model=model, revision=revision, prompt_field=prompt_field,
         response_field=names, messages_field=messages_field, limit=limit,
@@ -321,11 +331,60 @@ def judge(
         # a GenRM template puts its long instructions before every conversation
         enable_prefix_caching=True, too_long=too_long, max_line_bytes=max_line_bytes, log=log)
     found = _judge_recipe(model, cfg.engine.model, recipe, len(names), log)
-    _check_context(cfg, max_tokens)
-    _check_judge_template(cfg.engine.model, revision, trust_remote_code, len(names))
+    if found is not None and found.task == "judge_principle":
+        return _judge_principle(cfg, found, principle=principle, principle_field=principle_field,
+                                names=names, samples=samples, votes=votes, temperature=temperature,
+                                top_p=top_p, max_tokens=max_tokens, seed=seed, engine=engine,
+                                progress=progress, log=log)
+    if principle is not None or principle_field is not None:
+        raise UsageError("--principle and --principle-field are for the Principle GenRM "
+                         "(nvidia/Qwen3-Nemotron-32B-GenRM-Principle); pass --recipe "
+                         "qwen3-nemotron-32b-genrm-principle if the model is a copy of it")
+    sampling = _sampling(engine, temperature=JUDGE_TEMPERATURE if temperature is None
+                         else temperature, top_p=JUDGE_TOP_P if top_p is None else top_p,
+                         max_tokens=JUDGE_MAX_TOKENS if max_tokens is None else max_tokens,
+                         seed=seed, samples=samples)
+    _check_context(cfg, sampling.max_tokens)
+    _check_judge_template(cfg.engine.model, cfg.engine.revision, cfg.engine.trust_remote_code,
+                          len(names))
     task = JudgeTask(sampling, fields=tuple(names), recipe=found,
-                     context_limit=found.context_limit if found else None)
+                     context_limit=found.context_limit if found else None, votes=votes)
     return _go(cfg, task, dry_run, card, progress, log)
+
+
+def _judge_principle(cfg: RunConfig, found, *, principle, principle_field, names, samples,
+                     votes, temperature, top_p, max_tokens, seed, engine, progress, log):
+    """`nfb judge` with the Principle GenRM: checks before loading, then the run."""
+    from nfb.modelinfo import read_tokenizer
+    from nfb.tasks.principle import (
+        GENRM_MAX_TOKENS,
+        GENRM_TEMPERATURE,
+        TOP_LOGPROBS,
+        PrincipleJudgeTask,
+    )
+
+    if len(names) != 1:
+        raise UsageError(f"{found.hub_id} judges one response against a principle: give "
+                         f"--response-field once (card: {found.card})")
+    if not principle and not principle_field:
+        raise UsageError(f"{found.hub_id} judges a response against a principle: give "
+                         "--principle TEXT or --principle-field FIELD")
+    if engine == "ray":
+        raise UsageError(f"{found.hub_id} reads log-probabilities, which --engine ray does not "
+                         "return: use --engine vllm")
+    sampling = _sampling(engine, temperature=GENRM_TEMPERATURE if temperature is None
+                         else temperature, top_p=1.0 if top_p is None else top_p,
+                         max_tokens=GENRM_MAX_TOKENS if max_tokens is None else max_tokens,
+                         seed=seed, samples=samples)
+    sampling = replace(sampling, logprobs=TOP_LOGPROBS)
+    _check_context(cfg, sampling.max_tokens)
+    task = PrincipleJudgeTask(sampling, principle=principle, principle_field=principle_field,
+                              recipe=found, context_limit=found.context_limit, votes=votes)
+    if os.path.isdir(cfg.engine.model):   # a hub id: checked once the engine has its tokenizer
+        tok = read_tokenizer(cfg.engine.model, cfg.engine.revision, cfg.engine.trust_remote_code)
+        if tok is not None:
+            task.check_tokenizer(tok)
+    return run(cfg, task, progress=progress, log=log)
 
 
 def _judge_recipe(name: str, model_dir: str, recipe: str | None, responses: int,
@@ -358,6 +417,20 @@ def _check_judge_template(model: str, revision: str | None, trust_remote_code: b
     why = check_template(tok, responses)
     if why:
         raise UsageError(f"{model}: {why}: is this a generative reward model?")
+
+
+def _card_context(cfg: RunConfig, limit: int | None, log: Callable[[str], None]) -> RunConfig:
+    """A local model whose config.json states no context length runs with its card's (the
+    recipe's context_limit) unless --max-model-len is given: transformers would otherwise fill
+    in its class default (2,048 for Llama), which would refuse rows the card allows."""
+    from nfb.modelinfo import config_context
+
+    model = cfg.engine.model
+    if not limit or cfg.engine.max_model_len or not os.path.isdir(model) \
+            or config_context(model) is not None:
+        return cfg
+    log(f"note: {model}'s config states no context length: the card's {limit:,} tokens")
+    return replace(cfg, engine=replace(cfg.engine, max_model_len=limit))
 
 
 def score(
@@ -416,6 +489,7 @@ def score(
         principle_field=principle_field, log=log)
     if hf_overrides:
         cfg = replace(cfg, engine=replace(cfg.engine, hf_overrides=hf_overrides))
+    cfg = _card_context(cfg, getattr(task, "context_limit", None), log)
     if getattr(task, "principles", None) is not None:
         # every principle of a row repeats the conversation: cache the shared prefix
         cfg = replace(cfg, engine=replace(cfg.engine, enable_prefix_caching=True))

@@ -66,6 +66,15 @@ class SamplingConfig:
     seed: int | None = None
     samples: int = 1
     regex: str | None = None     # guided decoding: the text must match this regex
+    logprobs: int | None = None  # top-k log-probabilities of each generated token (Principle
+    #                              GenRM); the engine then yields `Sample`s, not texts
+
+    def settings(self) -> dict:
+        """The fingerprinted values (logprobs only when set: older runs keep theirs)."""
+        out = asdict(self)
+        if out["logprobs"] is None:
+            del out["logprobs"]
+        return out
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,46 @@ def read_config_json(model: str) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
+def config_context(model: str) -> int | None:
+    """The context length a local model's config.json itself states (its text config's
+    max_position_embeddings), or None when it states none (transformers would then fill in its
+    class default, e.g. 2,048 for Llama, which is no fact about the model)."""
+    cfg = read_config_json(model)
+    for c in (cfg, cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}):
+        value = c.get("max_position_embeddings")
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def read_generation_config(model: str) -> dict:
+    """A local model's generation_config.json ({} when there is none to read)."""
+    import orjson
+
+    try:
+        with open(os.path.join(os.path.expanduser(model), "generation_config.json"), "rb") as fh:
+            cfg = orjson.loads(fh.read())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def sampling_processors(gen: dict) -> dict:
+    """What of a generation_config would change generate()'s output scores: with do_sample,
+    its temperature (divides the logits), top_k and top_p (set the rest to -inf). {} when
+    nothing would (greedy, or neutral values)."""
+    if not gen.get("do_sample"):
+        return {}
+    out = {}
+    if gen.get("temperature") not in (None, 1, 1.0):
+        out["temperature"] = gen["temperature"]
+    if gen.get("top_k") not in (None, 0):
+        out["top_k"] = gen["top_k"]
+    if gen.get("top_p") not in (None, 1, 1.0):
+        out["top_p"] = gen["top_p"]
+    return out
+
+
 def read_tokenizer(model: str, revision: str | None, trust_remote_code: bool):
     """The model's tokenizer for a check before loading, or None when it cannot be read
     (the engine then reports that itself, with its own words)."""

@@ -57,6 +57,9 @@ class RunResult:
     levels: Counter = field(default_factory=Counter)   # feedback level -> rows
     unreadable: int = 0               # judge: rows with no readable judgement (judge_error)
     truncated: int | None = None      # rows shortened by --too-long (None: the policy is error)
+    # rows whose input the task changed on purpose, by note code (e.g. SteerLM's
+    # system_turn_left_out): the task's `row_notes`, counted once per row written
+    notes: Counter = field(default_factory=Counter)
     seconds: float = 0.0              # wall time of this invocation
     load_seconds: float = 0.0         # of which: starting the engine (loading the model)
     already_done: bool = False
@@ -70,7 +73,7 @@ class RunResult:
         return {"rows": self.rows, "error_rows": self.error_rows,
                 "errors": dict(self.errors.most_common()),
                 "levels": {str(k): v for k, v in sorted(self.levels.items())},
-                "unreadable": self.unreadable} | (
+                "unreadable": self.unreadable, "notes": dict(self.notes.most_common())} | (
                     {} if self.truncated is None else {"truncated": self.truncated})
 
 
@@ -111,7 +114,8 @@ def selected_total(total: int | None, cfg: RunConfig) -> int | None:
 class _Pending:
     """One chunk of rows on its way through the engine."""
 
-    __slots__ = ("table", "rows", "errors", "values", "outputs", "remaining", "truncated")
+    __slots__ = ("table", "rows", "errors", "values", "outputs", "remaining", "truncated",
+                 "notes")
 
     def __init__(self, table: pa.Table, rows: np.ndarray):
         self.table = table
@@ -121,14 +125,17 @@ class _Pending:
         self.values: list[dict | None] = [None] * len(rows)
         self.outputs: list[list | None] = [None] * len(rows)   # per row: one per request
         self.remaining = len(rows)
+        self.notes: dict[int, tuple[str, ...]] = {}            # row in chunk -> note codes
 
 
 class Collector:
     """Holds chunks until all their rows are finished, then emits them in input order."""
 
     def __init__(self, task: Task, prefix: str, emit: Callable[[pa.Table], None],
-                 result: RunResult, truncated_column: bool = False):
+                 result: RunResult, truncated_column: bool = False,
+                 note: Callable[[str], None] | None = None):
         self.task = task
+        self.note = note or (lambda _m: None)   # says each note code once, when first counted
         self.prefix = prefix
         self.truncated_column = truncated_column
         self.schema = task.schema("")
@@ -193,6 +200,12 @@ class Collector:
         for e in p.errors:   # counted when written, so a restart never counts a row twice
             if e is not None:
                 self.result.errors[error_code(e)] += 1
+        for j, codes in p.notes.items():
+            if p.errors[j] is None:
+                for code in codes:
+                    if not self.result.notes[code]:
+                        self.note(note_text(self.task, code))
+                    self.result.notes[code] += 1
         for v in p.values:
             for key, value in v.items():
                 if key == "judge_error" and value is not None:
@@ -200,6 +213,11 @@ class Collector:
                 elif key.endswith("feedback_level"):
                     _tally_levels(self.result.levels, value)
         return t
+
+
+def note_text(task: Task, code: str) -> str:
+    """The one line that names a note code (the task's `note_texts`, else the code)."""
+    return f"note: {getattr(task, 'note_texts', {}).get(code, code)}"
 
 
 def _tally_levels(levels: Counter, value) -> None:
@@ -277,6 +295,7 @@ def finished_result(cfg: RunConfig, fp: str, meta_now: dict | None = None
         return RunResult(cfg.output, rows=s.get("rows", 0), errors=Counter(s.get("errors", {})),
                          levels=Counter({int(k): v for k, v in s.get("levels", {}).items()}),
                          unreadable=s.get("unreadable", 0), truncated=s.get("truncated"),
+                         notes=Counter(s.get("notes", {})),
                          already_done=True)
     if wd.exists:
         return None  # an unfinished run: its work directory decides
@@ -348,7 +367,7 @@ def _run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine], progr
         result.resumed_rows = int(done.sum())
         if result.resumed_rows:
             log(f"resuming: {result.resumed_rows:,} rows already done in {wd.path}")
-        _restore_counts(wd, cfg.prefix, result)
+        _restore_counts(wd, cfg.prefix, result, cfg, task)
 
     def count() -> int | None:
         return selected_total(count_rows(list(cfg.inputs)), cfg)
@@ -418,9 +437,13 @@ def _in_daemon_thread(fn: Callable[[], int | None]) -> Future:
     return fut
 
 
-def _restore_counts(wd: WorkDir, prefix: str, result: RunResult) -> None:
-    """Error and level counts of rows finished by earlier invocations (for the summary)."""
+def _restore_counts(wd: WorkDir, prefix: str, result: RunResult, cfg: RunConfig | None = None,
+                    task: Task | None = None) -> None:
+    """Error, level and note counts of rows finished by earlier invocations (the summary)."""
+    row_notes = getattr(task, "row_notes", None)
     for p in wd.parts():
+        if row_notes is not None and cfg is not None:
+            _restore_notes(p, cfg, row_notes, result)
         names = pq.read_schema(p).names
         levels = [n for n in names if n.startswith(prefix) and n.endswith("feedback_level")]
         judged = [n for n in names if n == prefix + "judge_error"]
@@ -437,6 +460,19 @@ def _restore_counts(wd: WorkDir, prefix: str, result: RunResult) -> None:
         for name in levels:   # one column per response field, or a list column
             for lv in t.column(name).to_pylist():
                 _tally_levels(result.levels, lv)
+
+
+def _restore_notes(part: Path, cfg: RunConfig, row_notes, result: RunResult) -> None:
+    """Note counts of a finished part, recomputed from its input columns (a part keeps them)."""
+    names = pq.read_schema(part).names
+    needed = [n for n in cfg.fields.needed if n in names]
+    t = pq.read_table(part, columns=[*needed, cfg.prefix + ERROR])
+    errors = t.column(cfg.prefix + ERROR).to_pylist()
+    for d, e in zip(t.select(needed).to_pylist(), errors):
+        if e is None:
+            conv, err = to_conversation(d, cfg.fields)
+            if err is None:
+                result.notes.update(row_notes(conv))
 
 
 def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
@@ -472,7 +508,7 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
     try:
         while True:
             collector = Collector(task, cfg.prefix, emit_and_report, result,
-                                  truncated_column=cfg.too_long != "error")
+                                  truncated_column=cfg.too_long != "error", note=progress.note)
             try:
                 _stream_rows(cfg, task, engine, collector, done, sink, poll_total)
                 break
@@ -666,6 +702,7 @@ class Feeder:
         p = _Pending(table, rows[idx])
         row_fields = tuple(getattr(task, "row_fields", ()))   # e.g. a per-row principle
         check_conversation = getattr(task, "check_conversation", None)   # e.g. judge's
+        row_notes = getattr(task, "row_notes", None)      # e.g. SteerLM's left-out system turn
         dicts = _row_dicts(chunk, idx, cfg.fields.needed + row_fields)
         failed: list[tuple[int, str]] = []
         prompts, owners = [], []
@@ -683,6 +720,10 @@ class Feeder:
             if err is not None:
                 failed.append((j, err))
                 continue
+            if row_notes is not None:
+                codes = row_notes(conv)
+                if codes:
+                    p.notes[j] = tuple(codes)
             make = functools.partial(task.prompts, row=d) if row_fields else task.prompts
             made = make(conv)
             convs[j] = (conv, make)

@@ -119,6 +119,8 @@ def print_summary(console: Console, result: RunResult, task: str) -> None:
     t.add_row("rows with errors", f"{result.error_rows:,}")
     for code, n in result.errors.most_common():
         t.add_row(f"  {code}", f"{n:,}")
+    for code, n in result.notes.most_common():
+        t.add_row(f"rows noted {code}", f"{n:,}")
     if task == "judge":
         t.add_row("rows with no readable judgement", f"{result.unreadable:,}")
     if getattr(result, "truncated", None) is not None:

@@ -75,7 +75,22 @@ class StubEngine:
 
     def generate(self, requests, sampling, can_feed):
         for key, ids in self._stream(requests, can_feed):
-            yield key, [stub_text(ids, s) for s in range(sampling.samples)]
+            if getattr(sampling, "logprobs", None):
+                yield key, [self._sample(ids, s) for s in range(sampling.samples)]
+            else:
+                yield key, [stub_text(ids, s) for s in range(sampling.samples)]
+
+    def _sample(self, ids, sample):
+        """A `Sample` that ends "Final Judgement: Yes" with made-up top log-probabilities
+        (the tokens " Yes" and " No" among them, when they are single tokens)."""
+        from nfb.engines.base import Sample
+
+        d = _digest(ids + [sample])
+        words = [self.tokenizer.encode(w, add_special_tokens=False) for w in (" Yes", " No")]
+        top = {w[0]: -(d[i] / 64.0) for i, w in enumerate(words) if len(w) == 1}
+        top.setdefault(self.tokenizer.eos_token_id, -0.01)
+        return Sample(stub_text(ids, sample) + " Final Judgement: Yes",
+                      ({0: -0.5}, top, {self.tokenizer.eos_token_id: -0.01}))
 
     def classify(self, requests, can_feed):
         for key, ids in self._stream(requests, can_feed):

@@ -97,8 +97,9 @@ def test_steerlm_prompt_single_and_multi_turn():
         "<extra_id_1>Assistant\nPlants use sunlight to make sugar from water and air.\n"
         "<extra_id_2>")
     assert "<extra_id_1>Assistant\nThe sea is wide.\n<extra_id_1>User\n" in text
-    assert steerlm_prompt(CONVERSATIONS[2]).startswith("<extra_id_0>System\nYou are terse.\n"
-                                                       "<extra_id_1>User\n0123456789\n")
+    # a system turn is left out: NeMo-Aligner always renders its own SYSTEM_PROMPT
+    assert steerlm_prompt(CONVERSATIONS[2]) == steerlm_prompt(CONVERSATIONS[2][1:])
+    assert "You are terse." not in steerlm_prompt(CONVERSATIONS[2])
     assert "{value}" not in steerlm_prompt([{"role": "user", "content": "{value}"},
                                             {"role": "assistant", "content": "{}"}])[-30:]
     with pytest.raises(ValueError, match="last turn"):
@@ -371,7 +372,11 @@ def test_note_says_what_nfb_applies_to_a_converted_model(stub_cli, converted, tm
     src = tmp_path / "in.jsonl"
     src.write_bytes(b"".join(orjson.dumps({"messages": m}) + b"\n" for m in CONVERSATIONS))
     out = tmp_path / "out.parquet"
+    # no recipe names this shape, so no card gives its weights: they must be given
     r = stub_cli("score", src, "-o", out, "--model", converted, "--messages-field", "messages")
+    assert r.exit_code == 2 and "--weights" in r.output
+    r = stub_cli("score", src, "-o", out, "--model", converted, "--messages-field", "messages",
+                 "--weights", "llama3-70b-steerlm")
     assert r.exit_code == 0, r.output
     note = " ".join(r.output.split())
     assert "made by `nfb convert`" in note and "SteerLM prompt format" in note
@@ -380,3 +385,62 @@ def test_note_says_what_nfb_applies_to_a_converted_model(stub_cli, converted, tm
     meta = pq.read_schema(out).metadata
     prov = next(orjson.loads(v) for k, v in meta.items() if b"nfb" in k)
     assert "steerlm" in orjson.dumps(prov).decode().lower()
+
+
+# NeMo-Aligner's SteerLM text, written out here from examples/nlp/data/steerlm/common.py and
+# attribute_annotate.py (SYSTEM_PROMPT_TEMPLATE.format(value=SYSTEM_PROMPT), then each turn,
+# then <extra_id_2>), independently of nfb.models.steerlm
+NEMO_SYSTEM = ("<extra_id_0>System\nA chat between a curious user and an artificial intelligence "
+               "assistant. The assistant gives helpful, detailed, and polite answers to the user's "
+               "questions.\n")
+
+
+def nemo_text(turns: list[tuple[str, str]]) -> str:
+    who = {"user": "User", "assistant": "Assistant"}
+    return NEMO_SYSTEM + "".join(f"<extra_id_1>{who[r]}\n{c}\n" for r, c in turns) + \
+        "<extra_id_2>"
+
+
+@pytest.mark.slow
+def test_system_turns_and_long_histories_score_as_nemo_aligner(cli, converted, ckpt, tmp_path):
+    """Rows with a system turn and long multi-turn histories through vLLM == the reference
+    forward from the Megatron tensors on NeMo-Aligner's own text (its system prompt, never the
+    row's); the left-out system turns are counted, named once and recorded."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    _, cfg, w = ckpt
+    history = [("user", "Write a poem about the sea."), ("assistant", "The sea is wide."),
+               ("user", "Explain photosynthesis to a child."),
+               ("assistant", "Plants use sunlight to make sugar from water and air."),
+               ("user", "What is the capital of France?"),
+               ("assistant", "Paris is the capital of France."),
+               ("user", "0123456789"),
+               ("assistant", "The quick brown fox jumps over the lazy dog.")]
+    convs = [
+        [("system", "You are terse."), ("user", "Hi"), ("assistant", "Héllo wörld")],
+        history,
+        [("system", "Answer in French."), *history],
+        history[:2],
+    ]
+    rows = [{"id": i, "messages": [{"role": r, "content": c} for r, c in conv]}
+            for i, conv in enumerate(convs)]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    out = tmp_path / "out.parquet"
+    r = cli("score", src, "-o", out, "--model", converted, "--messages-field", "messages",
+            "--dtype", "float32")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("system turn is left out") == 1            # named once
+    assert "rows noted system_turn_left_out" in r.output
+    tok = AutoTokenizer.from_pretrained(converted)
+    table = pq.read_table(out)
+    for row, conv in zip(table.to_pylist(), convs):
+        assert row["nfb_error"] is None
+        text = nemo_text([(r_, c) for r_, c in conv if r_ != "system"])
+        ref = mc.reference_heads(w, cfg, tok(text, add_special_tokens=False)["input_ids"])
+        got = np.array([row[a] for a in ALL_STEERLM_ATTRIBUTES])
+        np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
+    meta = orjson.loads(table.schema.metadata[b"nfb"])
+    assert meta["summary"]["notes"] == {"system_turn_left_out": 2}
+    assert "SYSTEM_PROMPT" in meta["task_settings"]["system_turn"]

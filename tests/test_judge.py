@@ -127,6 +127,84 @@ def test_votes_average_the_samples_that_parse():
     assert set(v) == set(cols.schema().names) == set(none)
 
 
+# --- NVIDIA's rules, read from their code and written out here (independent expectations) ---
+
+def nvidia_final_answer(response: str) -> str:
+    """NeMo-RL nemo_rl/environments/genrm_rlhf_environment.py: `if reasoning_split_word in
+    response: response = response.split(reasoning_split_word)[-1].lstrip()` ("</think>");
+    NeMo Gym genrm_compare utils.extract_output_text: "None" when the answer is empty."""
+    if "</think>" in response:
+        response = response.split("</think>")[-1].lstrip()
+    if not response or not response.strip():
+        return "None"
+    return response
+
+
+def nvidia_aggregate(results: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """NeMo Gym genrm_compare utils.aggregate_scores (simple_tiebreaker) for one pair judged
+    len(results) times (num_judges_per_comparison), each result (score_1, score_2, ranking),
+    an unparsable one already replaced by (default_score 3.0, 3.0, default_ranking 3.5)."""
+    acc, n = [0.0, 0.0], 0
+    for score_1, score_2, ranking in results:
+        if score_1 == score_2:
+            adjustment = 3.5 - ranking
+            score_1 = score_1 + adjustment
+            score_2 = score_2 - adjustment
+        acc[0] += score_1
+        acc[1] += score_2
+        n += 1
+    return acc[0] / n, acc[1] / n
+
+
+@pytest.mark.parametrize("response", [
+    "<think>\nweigh it</think>\n\n  The answer is 4.", "no reasoning here", "<think>a</think>",
+    "x</think>y</think>  z", "</think>", "  ", "<think>never closed"])
+def test_judged_responses_are_their_final_answer_as_nvidia_sends_them(response):
+    from nfb.records import Conversation
+    from nfb.tasks.judge import final_answer, judge_messages
+
+    assert final_answer(response) == nvidia_final_answer(response)
+    conv = Conversation(({"role": "user", "content": "Q?"},), response, (response, "<think>"
+                                                                         "b</think>B"))
+    msgs = judge_messages(conv, conv.alternatives)
+    assert [m["content"] for m in msgs[1:]] == [nvidia_final_answer(response), "B"]
+
+
+def test_nvidia_votes_are_nemo_gyms_aggregate_scores():
+    def boxed(x, y, z):
+        return (f"<think>t</think>[The Begin of Individual Scores]\n\\boxed{{{x}, {y}}}\n"
+                f"[The End of Individual Scores]\n[The Begin of Ranking Score]\n\\boxed{{{z}}}"
+                "\n[The End of Ranking Score]")
+    cases = [
+        [(4, 4, 2), (3, 5, 5), None],         # a tie broken by the ranking; one unreadable
+        [(2, 2, 6), (2, 2, 1)],               # two ties, opposite ways
+        [None, None],                         # nothing readable: the fallback values
+        [(5, 1, 1)],
+    ]
+    for case in cases:
+        texts = [boxed(*c) if c else "</think>no scores" for c in case]
+        cols = JudgeColumns(responses=2, samples=len(texts), votes="nvidia")
+        v = cols.values(texts)
+        results = [c if c else (3.0, 3.0, 3.5) for c in case]
+        h1, h2 = nvidia_aggregate(results)
+        assert (v["helpfulness_1"], v["helpfulness_2"]) == pytest.approx((h1, h2))
+        assert v["ranking"] == pytest.approx(sum(r[2] for r in results) / len(results))
+        mean = JudgeColumns(responses=2, samples=len(texts)).values(texts)
+        parsed = [c for c in case if c]
+        if parsed:   # the default: the model's own scores, the unreadable ones left out
+            assert mean["helpfulness_1"] == pytest.approx(sum(c[0] for c in parsed)
+                                                          / len(parsed))
+        else:
+            assert mean["helpfulness_1"] is None and v["judge_error"] is not None
+    one = JudgeColumns(responses=1, samples=2, votes="nvidia").values(["</think>x", one_text(5)])
+    assert one["helpfulness"] == 4.0   # (3.0 fallback + 5) / 2
+
+
+def one_text(score) -> str:
+    return ("<think>hm</think>[The Begin of Individual Scores]\n\\boxed{" + str(score)
+            + "}\n[The End of Individual Scores]")
+
+
 # --- mechanics (stub engine) ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -253,7 +331,11 @@ def plain_template_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("model,args,match", [
     ("genrm", ["--recipe", "qwen3-nemotron-235b-a22b-genrm"], "two responses at once"),
-    ("genrm", ["--recipe", "qwen3-nemotron-32b-genrm-principle"], "not yet supported"),
+    ("genrm", ["--recipe", "qwen3-nemotron-32b-genrm-principle"], "--principle TEXT"),
+    ("genrm", ["--recipe", "qwen3-nemotron-32b-genrm-principle", "--principle", "x"],
+     "drops the 'principle' turn"),
+    ("genrm", ["--principle", "x"], "for the Principle GenRM"),
+    ("genrm", ["--votes", "median"], "--votes 'median'"),
     ("genrm", ["--recipe", "llama-3.3-nemotron-70b-reward"], "nfb score"),
     ("genrm", ["--recipe", "llama-3.3-nemotron-70b-feedback"], "nfb feedback"),
     ("genrm", ["--recipe", "nope"], "unknown"),
@@ -444,3 +526,170 @@ def test_template_checked_on_the_engines_tokenizer(stub_cli, engines, plain_temp
     r = stub_cli("judge", path, "-o", out, "--model", plain_template_dir, "--max-tokens", "512")
     assert r.exit_code == 2 and "drops the judged response" in r.output, r.output
     assert not out.exists()
+
+
+# --- the Principle GenRM (nvidia/Qwen3-Nemotron-32B-GenRM-Principle) -------------------------
+
+PRINCIPLE_GENRM = "nvidia/Qwen3-Nemotron-32B-GenRM-Principle"
+
+
+def card_reward(scores, yes: int, no: int) -> float:
+    """The card's Quick Start on one position's scores: clip(s[Yes] - max, -50) -
+    clip(s[No] - max, -50) (scores: any sequence of floats, by token id)."""
+    best = max(scores)
+    return max(scores[yes] - best, -50.0) - max(scores[no] - best, -50.0)
+
+
+def nemo_rl_reward(text: str, top20: dict[int, float], yes: int, no: int) -> float:
+    """NeMo-RL principle_genrm_for_rlhf_environment.py verify_with_principle: 0.0 without
+    "Final Judgement:"; logprob(Yes) - logprob(No) at position -2 when both are in its top-20
+    dict; 0.0 when either is missing (-inf)."""
+    if "Final Judgement:" not in text:
+        return 0.0
+    y = top20.get(yes, float("-inf"))
+    n = top20.get(no, float("-inf"))
+    if y == float("-inf") or n == float("-inf"):
+        return 0.0
+    return y - n
+
+
+def test_principle_reward_is_the_cards_and_nemo_rls():
+    from nfb.config import SamplingConfig
+    from nfb.engines.base import Sample
+    from nfb.tasks.principle import PrincipleJudgeTask
+
+    yes, no, other = 11, 12, 13
+    top = {other: -0.2, yes: -1.9, no: -3.1}
+    eos = {0: -0.01}
+    cases = [
+        Sample("<think>x</think>Final Judgement: Yes", ({}, top, eos)),
+        Sample("<think>x</think>Final Judgement: No", ({}, {no: -0.1, other: -2.5}, eos)),
+        Sample("<think>x</think>It depends.", ({}, top, eos)),   # no Final Judgement
+    ]
+    for votes in ("mean", "nvidia"):
+        task = PrincipleJudgeTask(SamplingConfig(samples=1, logprobs=20), principle="p",
+                                  votes=votes)
+        task.ids = (yes, no)
+        got = [task.parse([[c]]) for c in cases]
+        # both in the top 20: the card's formula (log-probabilities are logits less one
+        # constant at a position) and NeMo-RL's difference agree
+        logits = [0.0] * 14
+        for i, lp in top.items():
+            logits[i] = lp + 7.0
+        for i in range(14):
+            if i not in top:
+                logits[i] = -60.0
+        assert got[0]["reward"] == pytest.approx(card_reward(logits, yes, no))
+        assert got[0]["reward"] == pytest.approx(nemo_rl_reward(cases[0].text, top, yes, no))
+        if votes == "nvidia":   # NeMo-RL's 0.0 for a missing token or Final Judgement
+            assert got[1]["reward"] == nemo_rl_reward(cases[1].text, cases[1].tail[1], yes, no)
+            assert got[2]["reward"] == nemo_rl_reward(cases[2].text, top, yes, no) == 0.0
+        else:                   # nfb's default: no made-up reward, the reason instead
+            assert got[1]["reward"] is None and got[1]["judge_error"].startswith("not_in_top_20")
+            assert got[2]["reward"] is None
+            assert got[2]["judge_error"].startswith("no_final_judgement")
+    clipped = PrincipleJudgeTask(SamplingConfig(logprobs=20), principle="p")
+    clipped.ids = (yes, no)
+    far = Sample("Final Judgement: Yes", ({other: -0.01, yes: -70.0, no: -90.0}, eos))
+    # both over 50 below the top token: the card clips both to -50
+    assert clipped.parse([[far]])["reward"] == 0.0
+
+
+PRINCIPLES = ("correctness", "brevity")
+
+
+def _principle_conversations():
+    convs = []
+    for i, r in enumerate(ROWS[:4]):
+        for k, p in enumerate(PRINCIPLES):
+            m = [{"role": "user", "content": r["prompt"]},
+                 {"role": "assistant", "content": r["response"]},
+                 {"role": "principle", "content": p}]
+            convs.append((m, tiny_models.principle_target((i + k) % 2 == 0)))
+    return convs
+
+
+@pytest.fixture(scope="module")
+def principle_genrm(tmp_path_factory):
+    return tiny_models.build_principle_genrm(tmp_path_factory.mktemp("judge") / "pgenrm",
+                                             _principle_conversations(), PRINCIPLE_GENRM)
+
+
+def test_principle_genrm_mechanics(stub_cli, engines, principle_genrm, tmp_path):
+    """--principle or --principle-field; what the model sees ([conversation, assistant: the
+    final answer, principle]); the reasoning of a judged response left out and counted."""
+    from transformers import AutoTokenizer
+
+    rows = [{"prompt": "Q?", "response": "<think>draft</think>\n The answer.", "rule": "brevity"},
+            {"prompt": "R?", "response": "Plain.", "rule": None}]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    seen = []
+
+    class Seeing(StubEngine):
+        def generate(self, requests, sampling, can_feed):
+            def spy():
+                for key, ids in requests:
+                    seen.append(self.tokenizer.decode(ids))
+                    yield key, ids
+            assert sampling.logprobs == 20 and sampling.temperature == 0.0
+            assert sampling.max_tokens == 200      # NeMo-RL's defaults
+            yield from StubEngine.generate(self, spy(), sampling, can_feed)
+    engines("vllm", Seeing)
+    out = tmp_path / "o.parquet"
+    r = stub_cli("judge", path, "-o", out, "--model", principle_genrm, "--principle-field", "rule")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("final answer only") == 1
+    t = pq.read_table(out)
+    got = t.to_pylist()
+    assert got[1]["nfb_error"] == "null_field:rule"
+    assert isinstance(got[0]["reward"], float) and got[0]["judge_error"] is None
+    tok = AutoTokenizer.from_pretrained(principle_genrm)
+    assert seen == [tok.apply_chat_template(
+        [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "The answer."},
+         {"role": "principle", "content": "brevity"}], tokenize=False,
+        add_generation_prompt=True)]
+    meta = orjson.loads(t.schema.metadata[b"nfb"])
+    assert meta["summary"]["notes"] == {"response_reasoning_left_out": 1}
+    assert meta["task_settings"]["recipe"] == "qwen3-nemotron-32b-genrm-principle"
+    assert meta["task_settings"]["sampling"]["logprobs"] == 20
+    r = stub_cli("judge", path, "-o", tmp_path / "x.parquet", "--model", principle_genrm,
+                 "--principle", "a", "--engine", "ray")
+    assert r.exit_code == 2 and "log-probabilities" in r.output
+
+
+@pytest.mark.slow
+def test_principle_genrm_equals_transformers_generate(cli, principle_genrm, tmp_path):
+    """`nfb judge --principle` through vLLM == transformers generate(output_scores=True) with
+    the card's formula at scores[-2], on a tiny Qwen3ForCausalLM trained to answer."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(principle_genrm)
+    model = Qwen3ForCausalLM.from_pretrained(principle_genrm, dtype=torch.float32)
+    yes, no = (tok.encode(w, add_special_tokens=False)[0] for w in (" Yes", " No"))
+    refs = {}
+    for messages, _ in _principle_conversations():
+        enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                      return_tensors="pt")
+        with torch.no_grad():
+            g = model.generate(**enc, max_new_tokens=200, do_sample=False, output_scores=True,
+                               return_dict_in_generate=True)
+        text = tok.decode(g.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        # the card's format, closed by the end of turn (so scores[-2] is the answer)
+        assert text.endswith(("Final Judgement: Yes", "Final Judgement: No"))
+        assert g.sequences[0, -1] == tok.eos_token_id
+        scores = g.scores[-2][0].tolist()
+        top20 = set(torch.topk(g.scores[-2][0], 20).indices.tolist())
+        assert yes in top20 and no in top20    # the comparison is of the formula, not the 0
+        refs[(messages[0]["content"], messages[2]["content"])] = card_reward(scores, yes, no)
+    rows = [{"prompt": r["prompt"], "response": r["response"], "p": p}
+            for r in ROWS[:4] for p in PRINCIPLES]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "o.parquet"
+    r = cli("judge", path, "-o", out, "--model", principle_genrm, "--principle-field", "p", *F32)
+    assert r.exit_code == 0, r.output
+    got = pq.read_table(out).to_pylist()
+    assert {x["reward"] > 0 for x in got} == {True, False}      # Yes and No answers both
+    for x in got:
+        assert x["judge_error"] is None
+        assert x["reward"] == pytest.approx(refs[(x["prompt"], x["p"])], abs=2e-3)

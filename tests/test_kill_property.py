@@ -261,6 +261,8 @@ def test_killed_anywhere_then_rerun_equals_uninterrupted(env, tmp_path_factory, 
             "--checkpoint-every", every, "--max-in-flight", in_flight]
     if verb == "feedback":
         opts += ["--max-tokens", "64"]
+    else:
+        opts += ["--weights", "llama3-70b-steerlm"]
     rc, detail = invoke([verb, *files, "-o", ref, *opts])
     assert rc == 0, detail
     assert "Traceback" not in detail

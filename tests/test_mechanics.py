@@ -48,7 +48,7 @@ def test_batch_rows_and_window_never_change_the_output(stub_cli, tiny_tokenizer_
 
 
 def test_weights_spelled_two_ways_are_one_run(stub_cli, tmp_path, src, engines):
-    """--weights llama3-70b-steerlm and no --weights resume each other (the same run)."""
+    """--weights llama3-70b-steerlm and its vector resume each other (the same run)."""
     import tiny_models
     rm = tiny_models.build_reward_model(tmp_path / "rm9", 9)
     out = tmp_path / "o.parquet"
@@ -62,14 +62,14 @@ def test_weights_spelled_two_ways_are_one_run(stub_cli, tmp_path, src, engines):
                  "--batch-rows", "4", "--max-in-flight", "2", "--checkpoint-every", "0")
     assert r.exit_code == 1 and "rows are saved" in r.output, r.output
     assert (tmp_path / "o.parquet.nfb").exists()
-    # the same run spelled without --weights (its default) and as the vector: resumes
+    # the same run spelled as the vector: resumes
     r = stub_cli("score", src, "-o", out, "--model", rm, "--weights",
                  "0,0,0,0,0.65,0.8,0.45,0.55,-0.4")
     assert r.exit_code == 0, r.output
     assert "rows already done" in r.output
     t = table(out)
     assert t.column("nfb_row").to_pylist() == list(range(60))
-    r = stub_cli("score", src, "-o", out, "--model", rm)
+    r = stub_cli("score", src, "-o", out, "--model", rm, "--weights", "llama3-70b-steerlm")
     assert r.exit_code == 0 and "already complete" in r.output
     # another weight vector is another run
     r = stub_cli("score", src, "-o", out, "--model", rm, "--weights", "helpfulness=1")
@@ -132,7 +132,7 @@ def test_score_values_and_bias_from_a_converted_config(stub_cli, tmp_path, src):
     cfg["nfb"] = {"prompt_format": "chat", "head_bias": bias, "recipe": "test"}
     (rm / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "o.parquet"
-    r = stub_cli("score", src, "-o", out, "--model", rm)
+    r = stub_cli("score", src, "-o", out, "--model", rm, "--weights", "llama3-70b-steerlm")
     assert r.exit_code == 0, r.output
     t = table(out)
     meta = orjson.loads(t.schema.metadata[b"nfb"])

@@ -42,7 +42,7 @@ def test_feedback_on_ray_equals_in_process(cli, models, src, tmp_path):
 
 def test_score_on_ray_equals_in_process(cli, models, src, tmp_path):
     local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
-    args = ["--model", models["rm9"], *F32]
+    args = ["--model", models["rm9"], "--weights", "llama3-70b-steerlm", *F32]
     assert cli("score", src, "-o", local, *args).exit_code == 0
     r = cli("score", src, "-o", remote, *args, "--engine", "ray")
     assert r.exit_code == 0, r.output

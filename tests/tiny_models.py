@@ -224,6 +224,19 @@ def build_genrm(out: Path, conversations: list[tuple[list[dict], str]],
     tok = build_tokenizer(out, _CORPUS + _GENRM_CORPUS, 640, GENRM_TEMPLATE)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_config(tok))
+    _train(model, tok, conversations, steps)
+    model.eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    _set_name_or_path(out, name_or_path)
+    return out
+
+
+def _train(model, tok, conversations: list[tuple[list[dict], str]], steps: int,
+           stop_loss: float = 2e-3) -> None:
+    """Teach `model` to write each target after its chat-templated conversation (greedy)."""
+    import torch
+
     seqs = []
     for messages, target in conversations:
         prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -246,9 +259,45 @@ def build_genrm(out: Path, conversations: list[tuple[list[dict], str]],
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if loss.item() < 2e-3:
+        if loss.item() < stop_loss:
             break
     model.eval()
+
+
+# --- the Principle GenRM (nfb judge --principle): Qwen3, "Final Judgement: Yes/No" ----------
+
+_PRINCIPLE_CORPUS = (
+    "<think>\nThe response is fine.\n</think>\nFinal Judgement: Yes <think>\nThe response "
+    "is wrong.\n</think>\nFinal Judgement: No principle correctness brevity Yes No "
+)
+
+
+def principle_target(yes: bool) -> str:
+    """What the tiny Principle GenRM learns to write: a short reasoning, then its answer."""
+    return ("<think>\nThe response is fine.\n</think>\nFinal Judgement: Yes" if yes else
+            "<think>\nThe response is wrong.\n</think>\nFinal Judgement: No")
+
+
+def build_principle_genrm(out: Path, conversations: list[tuple[list[dict], str]],
+                          name_or_path: str | None = None, seed: int = 7, steps: int = 300
+                          ) -> Path:
+    """A tiny Qwen3ForCausalLM (Qwen3-Nemotron-32B-GenRM-Principle's class) whose chat
+    template renders the role `principle`, trained until greedy decoding writes each target
+    (then the end of turn) after each conversation [user, assistant, principle]."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    out = Path(out)
+    tok = build_tokenizer(out, _CORPUS + _PRINCIPLE_CORPUS * 4, 640)
+    assert all(len(tok.encode(w, add_special_tokens=False)) == 1 for w in (" Yes", " No"))
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, torch_dtype="float32")
+    model = Qwen3ForCausalLM(cfg)
+    _train(model, tok, conversations, steps, stop_loss=5e-3)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
     _set_name_or_path(out, name_or_path)

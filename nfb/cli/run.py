@@ -231,13 +231,25 @@ def judge(
     recipe: _opt(Optional[str], "Run the model as a known GenRM recipe says (a name from `nfb "
                  "models`, or its hub id), e.g. for a local copy nfb cannot recognise.",
                  _MODEL) = None,
-    samples: _opt(int, "Judgements per row; the scores are averaged over the ones that parse "
-                  "(voting).", _SAMPLING, min=1) = 1,
-    temperature: _opt(float, "Sampling temperature (0: greedy); NVIDIA's GenRM setting.",
-                      _SAMPLING, min=0.0) = genrm.TEMPERATURE,
-    top_p: _opt(float, "Nucleus sampling mass.", _SAMPLING, min=0.0, max=1.0) = genrm.TOP_P,
-    max_tokens: _opt(int, "Most tokens generated per judgement (reasoning included).",
-                     _SAMPLING, min=1) = genrm.MAX_TOKENS,
+    principle: _opt(Optional[str], "With the Principle GenRM (Qwen3-Nemotron-32B-GenRM-"
+                    "Principle): the principle the response is judged against, e.g. "
+                    "'correctness'; adds reward.", _MODEL) = None,
+    principle_field: _opt(Optional[str], "With the Principle GenRM: the input field holding "
+                          "each row's own principle.", _MODEL) = None,
+    samples: _opt(int, "Judgements per row, combined by --votes.", _SAMPLING, min=1) = 1,
+    votes: _opt(str, "How the samples of a row combine: 'mean' (the mean of the ones that "
+                "parse; an unreadable row stays null, the scores stay on the model's scales) "
+                "or 'nvidia' (NeMo Gym's aggregate_scores: an unreadable sample counts as 3/3/"
+                "3.5, equal scores are broken by the ranking, then the mean; Principle GenRM: "
+                "NeMo-RL's 0.0).", _SAMPLING) = "mean",
+    temperature: _opt(Optional[float], "Sampling temperature (0: greedy) [default: 0.6, "
+                      "NVIDIA's GenRM setting; 0 for the Principle GenRM, as NeMo-RL].",
+                      _SAMPLING, min=0.0) = None,
+    top_p: _opt(Optional[float], f"Nucleus sampling mass [default: {genrm.TOP_P}; 1 for the "
+                "Principle GenRM].", _SAMPLING, min=0.0, max=1.0) = None,
+    max_tokens: _opt(Optional[int], "Most tokens generated per judgement (reasoning included) "
+                     f"[default: {genrm.MAX_TOKENS}; 200 for the Principle GenRM, as "
+                     "NeMo-RL].", _SAMPLING, min=1) = None,
     seed: _opt(Optional[int], "Seed every request: the same row gives the same judgement, "
                "resumed or not.", _SAMPLING) = None,
     **options,
@@ -253,4 +265,5 @@ def judge(
 
     _run(api.judge, "judge", dict(
         options, inputs=inputs, output=output, model=model, recipe=recipe, samples=samples,
+        votes=votes, principle=principle, principle_field=principle_field,
         temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed))

@@ -43,12 +43,14 @@ def models(
     for col in ("model", "command", "score", "context", "columns"):
         t.add_column(col, overflow="fold")
     for r in RECIPES:
-        command = (f"nfb {VERBS[r.task]}" + (" --principle" if r.task == "principle" else "")
-                   if r.supported else "not yet supported")
+        command = (f"nfb {VERBS[r.task]}" + (" --principle" if r.task in (
+            "principle", "judge_principle") else "") if r.supported else "not yet supported")
         score = {"classifier": "head(s), raw", "token_logit": f"logit of token id {r.tokens[0]}"
                  if r.tokens and r.tokens[0].isdigit() else "logit of one token",
                  "yes_minus_no": "logit(Yes) - logit(No)",
-                 "generate": "generated text"}[r.method]
+                 "generate": "generated text",
+                 "generate_yes_minus_no": "reasoning, then Yes - No at the final answer "
+                 "(top-20 log-probabilities)"}[r.method]
         if r.task == "judge" and r.supported:
             score = "reasoning, then scores (" + " or ".join(
                 {1: "1 response", 2: "2 responses"}[n] for n in r.responses) + ")"

@@ -8,6 +8,7 @@ caller keeps feeding it. Engines know nothing of files or tasks.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from nfb.config import SamplingConfig
@@ -28,3 +29,17 @@ class Engine(Protocol):
         """(key, raw head outputs) as each request finishes; pulls requests lazily."""
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated sample with the top-k log-probabilities of its last tokens (what
+    `generate` yields per sample when `SamplingConfig.logprobs` is set)."""
+
+    text: str
+    # one {token id: log-probability} per position, for the last LOGPROB_TAIL generated
+    # tokens (the sampled token is always among them)
+    tail: tuple[dict[int, float], ...]
+
+
+LOGPROB_TAIL = 4

@@ -51,7 +51,21 @@ def sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
                                   max_tokens=sampling.max_tokens, seed=sampling.seed)
     if sampling.regex:
         kwargs["structured_outputs"] = {"regex": sampling.regex}
+    if sampling.logprobs:
+        # vLLM's default logprobs_mode is raw_logprobs: from the model's logits before any
+        # temperature or top-k/top-p, as NeMo-RL's principle GenRM environment reads them
+        kwargs["logprobs"] = sampling.logprobs
     return kwargs
+
+
+def _sample(completion) -> Any:
+    """A vLLM completion as a `Sample`: its text and the top-k log-probabilities of its last
+    tokens."""
+    from nfb.engines.base import LOGPROB_TAIL, Sample
+
+    tail = list(completion.logprobs or [])[-LOGPROB_TAIL:]
+    return Sample(completion.text,
+                  tuple({int(t): float(lp.logprob) for t, lp in pos.items()} for pos in tail))
 
 
 def memory_fraction(cfg: EngineConfig) -> float:
@@ -296,7 +310,11 @@ class VLLMEngine:
         params = SamplingParams(n=sampling.samples, output_kind=RequestOutputKind.FINAL_ONLY,
                                 **kwargs)
         for key, out in self._stream(requests, params, can_feed):
-            yield key, [c.text for c in sorted(out.outputs, key=lambda c: c.index)]
+            outs = sorted(out.outputs, key=lambda c: c.index)
+            if sampling.logprobs:
+                yield key, [_sample(c) for c in outs]
+            else:
+                yield key, [c.text for c in outs]
 
     def classify(self, requests: Iterable[Request],
                  can_feed: Callable[[], bool]) -> Iterator[tuple[Any, list[float]]]:

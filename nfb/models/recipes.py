@@ -13,6 +13,9 @@ Score methods:
   `classifier_from_token ["No", "Yes"]`, method `from_2_way_softmax`, which loads one head
   W[Yes] - W[No]; read with no activation it is exactly the raw difference).
 - `generate`: a generative model (feedback text, or a GenRM's reasoning and scores: `nfb judge`).
+- `generate_yes_minus_no`: a generative principle reward model (`nfb judge --principle`): it
+  reasons, ends "Final Judgement: Yes/No", and the reward is read from the top-20
+  log-probabilities of that answer (nfb.tasks.principle).
 
 Matching (`find_recipe`): `--recipe NAME` (a recipe name or hub id) wins; else the model
 argument itself when it is a hub id; else, for a local directory, the `nfb` key that
@@ -36,14 +39,20 @@ class Recipe:
     name: str                         # short name for --recipe
     hub_id: str
     task: str                         # "score" | "principle" | "feedback" | "judge"
+    #                                   | "judge_principle" (the Principle GenRM)
     prompt_format: str                # "chat" | "steerlm"
     method: str                       # "classifier" | "token_logit" | "yes_minus_no" | "generate"
+    #                                   | "generate_yes_minus_no" (generate, then the Yes/No
+    #                                   log-probabilities of the final answer)
     columns: tuple[str, ...]          # output columns (before --prefix)
     context_limit: int | None = None  # prompt tokens at most (rows over it: prompt_too_long)
     tokens: tuple[str, ...] = ()      # the tokens read: ids as digits, or token strings
     template_kwargs: dict = field(default_factory=dict)
     weights: str | None = None        # default --weights preset (multi-head models)
     responses: tuple[int, ...] = ()   # judge: how many responses it judges at once (1, 2)
+    # the ids the card hard-codes for `tokens`, checked when the tokenizer is the card's
+    # (LLAMA3_MARKS below); another tokenizer (a test's, a copy's) is checked by string only
+    card_ids: dict = field(default_factory=dict)
     supported: bool = True
     note: str = ""                    # what the card leaves open, or why unsupported
 
@@ -55,6 +64,17 @@ class Recipe:
         out = asdict(self)
         out["card"] = self.card
         return out
+
+
+# The Llama 3 tokenizer (tiktoken BPE, 128,000 base tokens, then 256 special ones): the
+# vocabulary of every Llama-3.x-based card here. A tokenizer with these special-token ids is
+# taken for it, and a card's hard-coded ids must then hold exactly.
+LLAMA3_MARKS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001,
+                "<|start_header_id|>": 128006, "<|eot_id|>": 128009}
+
+
+def is_llama3_tokenizer(tokenizer) -> bool:
+    return all(tokenizer.convert_tokens_to_ids(t) == i for t, i in LLAMA3_MARKS.items())
 
 
 PRINCIPLE_QUESTION = ("Evaluate the response to the previous prompt in terms of whether it "
@@ -88,6 +108,7 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("llama-3.3-nemotron-70b-reward-principle",
            "nvidia/Llama-3.3-Nemotron-70B-Reward-Principle",
            "principle", "chat", "yes_minus_no", ("reward",), 4096, ("No", "Yes"),
+           card_ids={"Yes": 9642, "No": 2822},
            note="card: [user, assistant, user: PRINCIPLE_QUESTION], add_generation_prompt=True, "
            "reward = score[9642 'Yes'] - score[2822 'No'] of the first generated position. The "
            "card reads generate()'s output_scores, which are the logits after the generation "
@@ -107,17 +128,19 @@ RECIPES: tuple[Recipe, ...] = (
            "trained on conversations up to 8K (not enforced)"),
     Recipe("llama3-70b-steerlm-rm", "nvidia/Llama3-70B-SteerLM-RM",
            "score", "steerlm", "classifier",
-           _STEERLM_COLUMNS,
+           _STEERLM_COLUMNS, 8192,
            weights="llama3-70b-steerlm",
-           note="a NeMo checkpoint: run `nfb convert` first; 9 heads, SteerLM prompt, reward = "
-           "the card's weights (preset llama3-70b-steerlm)"),
+           note="a NeMo checkpoint: run `nfb convert` first; 9 heads, SteerLM prompt (always "
+           "NeMo-Aligner's system prompt: a row's system turn is left out and counted), reward "
+           "= the card's weights (preset llama3-70b-steerlm); card: 8,192 tokens at most"),
     Recipe("nemotron-4-340b-reward", "nvidia/Nemotron-4-340B-Reward",
            "score", "steerlm", "classifier",
-           _STEERLM_COLUMNS,
+           _STEERLM_COLUMNS, 4096,
            weights="nemotron-4-340b",
            note="a NeMo checkpoint whose architecture (LayerNorm1p, squared ReLU, partial RoPE) "
            "`nfb convert` refuses for now; a Hugging Face copy in SteerLM format with 9 heads "
-           "is scored with --recipe nemotron-4-340b-reward (preset nemotron-4-340b)"),
+           "is scored with --recipe nemotron-4-340b-reward (preset nemotron-4-340b); card: "
+           "4,096 tokens at most"),
     Recipe("llama-3.3-nemotron-70b-feedback", "nvidia/Llama-3.3-Nemotron-70B-Feedback",
            "feedback", "chat", "generate", ("feedback", "feedback_level", "feedback_label"),
            note="`nfb feedback` (its default model)"),
@@ -138,11 +161,16 @@ RECIPES: tuple[Recipe, ...] = (
            "'128k tokens' (nfb reads it as 131,072); NVIDIA's code reads its scores as JSON "
            "(score_1, score_2, ranking), which nfb parses beside the boxed format"),
     Recipe("qwen3-nemotron-32b-genrm-principle", "nvidia/Qwen3-Nemotron-32B-GenRM-Principle",
-           "judge", "chat", "generate", ("reward",), supported=False,
-           note="a generative principle reward model whose reward is read from the scores of "
-           "its final Yes/No answer; the card's exact recipe (which tokens, which position, "
-           "logits or log-probabilities) could not be verified, and nfb does not guess a "
-           "reward: not supported yet"),
+           "judge_principle", "chat", "generate_yes_minus_no", ("reward",),
+           tokens=(" Yes", " No"), responses=(1,),
+           note="`nfb judge --principle TEXT` (or --principle-field): [conversation, "
+           "assistant: the response's final answer, principle: TEXT], add_generation_prompt="
+           "True; the model reasons and ends 'Final Judgement: Yes/No'. card: reward = "
+           "clip(s[' Yes'] - max, -50) - clip(s[' No'] - max, -50) at scores[-2]; nfb reads it "
+           "from vLLM's top-20 log-probabilities as NeMo-RL's principle_genrm_for_rlhf_"
+           "environment.py does (greedy, 200 tokens by default; no 'Final Judgement:' or a "
+           "token outside the top 20: null with --votes mean, NeMo-RL's 0.0 with --votes "
+           "nvidia)"),
 )
 
 # `nfb convert` writes config.json nfb.recipe: these are its values

@@ -17,6 +17,13 @@ pieces), after the final norm (NeMo-Aligner `nemo_aligner/models/nlp/gpt/gpt_rew
 
 `attribute_annotate.py` clips each head to [0, 4] and rounds it for its own labels; nfb keeps
 the raw values (ranking and filtering need them).
+
+The system prompt is always NeMo-Aligner's: `attribute_annotate.py` and
+`examples/nlp/data/steerlm/process_to_regression_format.py` both render
+`SYSTEM_PROMPT_TEMPLATE.format(value=SYSTEM_PROMPT)` whatever the data holds, and the
+HelpSteer2 rows the SteerLM reward models were trained on all carry that prompt. A leading
+`system` turn in the data is therefore left out (`has_system_turn` tells the caller, which
+counts and reports it), never put in place of SYSTEM_PROMPT.
 """
 
 from __future__ import annotations
@@ -36,20 +43,24 @@ ALL_STEERLM_ATTRIBUTES = OPEN_ASSISTANT_ATTRIBUTES + HELPSTEER_ATTRIBUTES
 # --- end of verbatim constants ---
 
 
+def has_system_turn(messages: list[dict]) -> bool:
+    """Whether the conversation opens with a `system` turn (which SteerLM leaves out)."""
+    return bool(messages) and messages[0].get("role") == "system"
+
+
 def steerlm_prompt(messages: list[dict]) -> str:
     """The SteerLM text for a conversation whose last turn is the assistant response judged.
 
-    `messages` are `{"role", "content"}` dicts: an optional leading `system` turn (its content
-    replaces the default SYSTEM_PROMPT, as NeMo-Aligner's SteerLM data's `system` field does),
-    then `user` and `assistant` turns. Earlier assistant turns are rendered plainly; only the
-    last one is followed by `<extra_id_2>`. No BOS/EOS: tokenize with add_special_tokens=False.
+    `messages` are `{"role", "content"}` dicts: an optional leading `system` turn (left out:
+    the text always opens with NeMo-Aligner's SYSTEM_PROMPT, see the module), then `user` and
+    `assistant` turns. Earlier assistant turns are rendered plainly; only the last one is
+    followed by `<extra_id_2>`. No BOS/EOS: tokenize with add_special_tokens=False.
     """
     if not messages:
         raise ValueError("steerlm_prompt: no messages")
     turns = list(messages)
     system = SYSTEM_PROMPT
-    if turns[0].get("role") == "system":
-        system = turns[0].get("content") or ""
+    if has_system_turn(turns):
         turns = turns[1:]
     if not turns or turns[-1].get("role") != "assistant":
         raise ValueError("steerlm_prompt: the last turn must be the assistant response judged")

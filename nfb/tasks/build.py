@@ -9,6 +9,7 @@ model takes the generic path: the chat template and the raw heads, or one token'
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from nfb.errors import UsageError
@@ -24,7 +25,8 @@ PROMPT_FORMATS = ("chat", "steerlm")
 
 
 # which verb runs a recipe's task, and what kind of model that is
-VERBS = {"score": "score", "principle": "score", "feedback": "feedback", "judge": "judge"}
+VERBS = {"score": "score", "principle": "score", "feedback": "feedback", "judge": "judge",
+         "judge_principle": "judge"}
 _KINDS = {"score": "a reward model", "feedback": "a feedback model",
           "judge": "a generative reward model (it reasons, then writes its scores)"}
 
@@ -87,9 +89,11 @@ def score_task(model: str, *, revision: str | None, trust_remote_code: bool,
             return _principle_task(model, found, revision=revision,
                                    trust_remote_code=trust_remote_code, weights=weights,
                                    attributes=attributes, principle=principle,
-                                   principle_field=principle_field)
+                                   principle_field=principle_field, log=log)
         if found.method == "token_logit":
             reward_token = found.tokens[0]
+        if found.method == "token_logit":
+            _note_generation_config(model, found, log)
         prompt_format = found.prompt_format
         if weights is None and found.weights:
             weights = found.weights
@@ -141,11 +145,16 @@ def score_task(model: str, *, revision: str | None, trust_remote_code: bool,
     names = attribute_names(heads, info.id2label, attributes)
     weights_how = f"--weights {weights}" if parsed is not None else None
     if parsed is None:
-        if tuple(names) != STEERLM_ATTRIBUTES:
-            raise UsageError(f"this model has {heads} heads ({', '.join(names)}): say how they "
-                             "combine into `reward` with --weights")
-        parsed = parse_weights("llama3-70b-steerlm")
-        weights_how = "llama3-70b-steerlm, the default for the 9 SteerLM heads"
+        # a preset is a recipe's (its card's weights); a model no recipe names gets none,
+        # whatever its heads are called: two SteerLM models weigh the same heads differently
+        if tuple(names) == STEERLM_ATTRIBUTES:
+            raise UsageError(
+                "this model has the 9 SteerLM heads but no nfb recipe, so no card says how they "
+                "combine into `reward`: give --weights (llama3-70b-steerlm for "
+                "Llama3-70B-SteerLM-RM, nemotron-4-340b for Nemotron-4-340B-Reward, or your own), "
+                "or --recipe if the model is one of those")
+        raise UsageError(f"this model has {heads} heads ({', '.join(names)}): say how they "
+                         "combine into `reward` with --weights")
     if found is None:
         log(_generic_note(model, converted, given_format, fmt, bias, None, weights_how))
     return ScoreTask(names, resolve_weights(parsed, names), bias=bias, prompt_format=fmt,
@@ -183,7 +192,7 @@ def _generic_note(model: str, converted: dict, given_format: str | None, fmt: st
 
 
 def _principle_task(model, found, *, revision, trust_remote_code, weights, attributes,
-                    principle, principle_field):
+                    principle, principle_field, log=lambda _m: None):
     from nfb.modelinfo import read_model_info, token_classifier_overrides
     from nfb.models.recipes import PRINCIPLE_QUESTION
     from nfb.tasks.principle import PrincipleTask, principle_columns
@@ -211,19 +220,45 @@ def _principle_task(model, found, *, revision, trust_remote_code, weights, attri
     # W[Yes] - W[No] as one head (vLLM from_2_way_softmax: tokens [false, true])
     overrides = token_classifier_overrides(model, list(found.tokens), trust_remote_code,
                                            revision, method="from_2_way_softmax")
+    _note_generation_config(model, found, log)
     task = PrincipleTask(principles=principle, principle_field=principle_field,
                          weights=resolved, question=PRINCIPLE_QUESTION, recipe=found.name,
                          context_limit=found.context_limit)
     return task, overrides
 
 
+def _note_generation_config(model: str, found, log: Callable[[str], None]) -> None:
+    """The token-logit cards read generate(..., output_scores=True).scores, which pass through
+    the repo's generation_config: greedy (no do_sample), they are the raw logits nfb reads. A
+    generation_config that samples would divide them by its temperature and set tokens outside
+    its top-k/top-p to -inf (for the card's token 0, nearly always -inf: no reward), so nfb keeps
+    the raw logits and says so."""
+    from nfb.modelinfo import read_generation_config, sampling_processors
+
+    if not os.path.isdir(os.path.expanduser(model)):
+        return   # a hub id: its generation_config is not read before the engine loads
+    changed = sampling_processors(read_generation_config(model))
+    if changed:
+        log(f"note: {model}'s generation_config samples ({changed}): the card's generate() "
+            "scores would be rescaled and masked by it; nfb reads the raw logits, as a greedy "
+            f"generation_config gives them ({found.card})")
+
+
 def _check_tokens(model, found, revision, trust_remote_code) -> None:
-    """Each token the recipe reads must be one token of the model's vocabulary."""
+    """Each token the recipe reads must be one token of the model's vocabulary; on the card's
+    own tokenizer (Llama 3's), at the very id the card hard-codes."""
     from nfb.modelinfo import read_tokenizer
+    from nfb.models.recipes import is_llama3_tokenizer
 
     tok = read_tokenizer(model, revision, trust_remote_code)
     if tok is None:
         return
+    if found.card_ids and is_llama3_tokenizer(tok):
+        got = {t: tok.convert_tokens_to_ids(t) for t in found.card_ids}
+        if got != found.card_ids:
+            raise UsageError(
+                f"{model}: a Llama 3 tokenizer whose ids for the recipe's tokens are {got}, not "
+                f"the card's {found.card_ids} ({found.card}): is this the right tokenizer?")
     for t in found.tokens:
         i = tok.convert_tokens_to_ids(t)
         if i is None or (tok.unk_token_id is not None and i == tok.unk_token_id):

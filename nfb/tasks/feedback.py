@@ -7,7 +7,7 @@ nvidia/Llama-3.3-Nemotron-70B-Feedback, verbatim.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from statistics import fmean
 
 import pyarrow as pa
@@ -143,7 +143,7 @@ class FeedbackTask:
         return feedback_values(None, self.sampling.samples)
 
     def settings(self) -> dict:
-        out = {"prompt": self.instruction, "sampling": asdict(self.sampling), "levels": LEVELS}
+        out = {"prompt": self.instruction, "sampling": self.sampling.settings(), "levels": LEVELS}
         if self.recipe is not None:
             out.update(recipe=self.recipe.name, card=self.recipe.card)
         return out

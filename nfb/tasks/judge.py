@@ -18,9 +18,26 @@ What comes back:
   3 = response 1 is slightly better, 4 = response 2 is slightly better, 6 = response 2 is much
   better (3.5 is the midpoint).
 
+What the GenRM is shown of each judged response is its final answer, as NVIDIA's GenRM
+environments send it (`final_answer`): a response that carries reasoning is cut after its
+last `</think>`.
+
 A text nfb cannot read gives null scores and a reason in `judge_error`; the row itself is not
-an error row (it was judged; the judgement is unreadable). With several samples per row the
-scores are averaged over the samples that parsed (`judge_votes` says how many).
+an error row (it was judged; the judgement is unreadable). Several samples per row combine by
+`votes` (`combine_votes`):
+- `mean` (the default): each score is averaged over the samples that parsed (`judge_votes`
+  says how many); no readable sample gives null. nfb reports what the model wrote: the columns
+  stay on the model's scales (helpfulness 1-5, ranking 1-6), and an unreadable judgement is
+  shown as one, never as a made-up middle score.
+- `nvidia`: NeMo Gym's rule (resources_servers/genrm_compare/utils.py `aggregate_scores`,
+  aggregator `simple_tiebreaker`; app.py `_run_single_comparison`): an unreadable sample
+  counts as the fallback values (score 3.0 each, ranking 3.5: configs/genrm_compare.yaml
+  default_score, default_ranking), and on each sample whose two scores are equal the ranking
+  breaks the tie, score_1 += 3.5 - ranking, score_2 -= 3.5 - ranking; then every sample is
+  averaged. This serves RL, where every rollout needs a number; the helpfulness columns may
+  then leave 1-5. NeMo Gym first retries an unreadable judgement up to 3 times
+  (genrm_parse_retries); nfb does not generate more than --samples, so a failed sample falls
+  back at once (more --samples plays the retries' part).
 """
 
 from __future__ import annotations
@@ -28,7 +45,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cached_property
 from statistics import fmean
 
@@ -58,6 +75,51 @@ _RANKING = re.compile(r"\[The Begin of Ranking Score\](.*?)\[The End of Ranking 
                       re.DOTALL)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+
+
+# What a GenRM is shown of a response that reasons: NeMo-RL
+# nemo_rl/environments/genrm_rlhf_environment.py (GenRMEnvironment, reasoning_split_word
+# "</think>"): `if "</think>" in response: response = response.split("</think>")[-1].lstrip()`;
+# NeMo Gym resources_servers/genrm_compare/app.py `_run_single_comparison` sends
+# utils.extract_output_text(response), the answer without the reasoning, or
+# EMPTY_OUTPUT_PLACEHOLDER "None" when that is empty.
+EMPTY_ANSWER = "None"
+
+
+def final_answer(response: str) -> str:
+    """The final answer of a judged response: after its last `</think>` (left-stripped), or
+    "None" when nothing is left (NeMo Gym's placeholder)."""
+    if _THINK_CLOSE in response:
+        response = response.split(_THINK_CLOSE)[-1].lstrip()
+    return response if response.strip() else EMPTY_ANSWER
+
+
+VOTES = ("mean", "nvidia")
+DEFAULT_VOTES = "mean"
+# NeMo Gym resources_servers/genrm_compare/configs/genrm_compare.yaml: the values a judgement
+# that cannot be parsed counts as (after genrm_parse_retries: 3)
+NVIDIA_DEFAULT_SCORE = 3.0
+NVIDIA_DEFAULT_RANKING = RANKING_MIDPOINT
+
+
+def combine_votes(samples: list[dict | None], names: tuple[str, ...], votes: str,
+                  fallback: dict[str, float]) -> dict[str, float | None]:
+    """Each score of a row from its samples (None: a sample that did not parse), by `votes`
+    (see the module). `fallback`: what an unreadable sample counts as under `nvidia`."""
+    if votes == "mean":
+        parsed = [x for x in samples if x is not None]
+        return {n: fmean(x[n] for x in parsed) if parsed else None for n in names}
+    if votes != "nvidia":
+        raise ValueError(f"votes {votes!r}: use {' or '.join(VOTES)}")
+    counted = []
+    for x in samples:
+        x = dict(fallback if x is None else x)
+        if "ranking" in x and x["helpfulness_1"] == x["helpfulness_2"]:
+            adjustment = RANKING_MIDPOINT - x["ranking"]     # NeMo Gym simple_tiebreaker
+            x["helpfulness_1"] += adjustment
+            x["helpfulness_2"] -= adjustment
+        counted.append(x)
+    return {n: fmean(x[n] for x in counted) for n in names}
 
 
 class Unreadable(ValueError):
@@ -182,6 +244,15 @@ class JudgeColumns:
     responses: int = 1     # 1: one response judged; 2: two responses and their ranking
     samples: int = 1
     reasons: bool = False  # the model always reasons first (every GenRM nfb knows)
+    votes: str = DEFAULT_VOTES
+
+    @property
+    def fallback(self) -> dict[str, float]:
+        """What an unreadable sample counts as under votes=nvidia (NeMo Gym's defaults)."""
+        if self.responses == 1:
+            return {"helpfulness": NVIDIA_DEFAULT_SCORE}
+        return {"helpfulness_1": NVIDIA_DEFAULT_SCORE, "helpfulness_2": NVIDIA_DEFAULT_SCORE,
+                "ranking": NVIDIA_DEFAULT_RANKING}
 
     @property
     def scores(self) -> tuple[str, ...]:
@@ -224,8 +295,7 @@ class JudgeColumns:
             per_sample.append(dict(zip(self.scores, values)))
         parsed = [s for s in per_sample if s is not None]
         out = self.empty()
-        for name in self.scores:
-            out[name] = fmean(s[name] for s in parsed) if parsed else None
+        out.update(combine_votes(per_sample, self.scores, self.votes, self.fallback))
         if self.responses == 2:
             out["preferred"] = preferred(out["ranking"])
         # the judgement behind the scores: the first sample that parsed
@@ -253,9 +323,19 @@ def _shown(text: str) -> str:
 
 
 def judge_messages(conv: Conversation, responses: tuple[str, ...]) -> list[dict[str, str]]:
-    """The conversation so far, then each judged response in its own role (response_1, ...)."""
-    return [*conv.context,
-            *({"role": f"response_{i}", "content": r} for i, r in enumerate(responses, 1))]
+    """The conversation so far, then the final answer of each judged response in its own role
+    (response_1, ...)."""
+    return [*conv.context, *({"role": f"response_{i}", "content": final_answer(r)}
+                             for i, r in enumerate(responses, 1))]
+
+
+REASONING_NOTE = ("response_reasoning_left_out: a judged response carries reasoning (</think>); "
+                  "the GenRM is shown its final answer only, as NVIDIA's GenRM environments do "
+                  "(NeMo Gym genrm_compare, NeMo-RL genrm_rlhf_environment)")
+
+
+def reasoning_notes(responses) -> tuple[str, ...]:
+    return ("response_reasoning_left_out",) if any(_THINK_CLOSE in r for r in responses) else ()
 
 
 def check_template(tokenizer, responses: int) -> str | None:
@@ -274,6 +354,11 @@ def check_template(tokenizer, responses: int) -> str | None:
     return None
 
 
+VOTE_TEXT = {"mean": "mean over the samples that parsed",
+             "nvidia": "NeMo Gym aggregate_scores (simple_tiebreaker): unreadable samples count "
+                       "as 3.0/3.0/3.5, equal scores broken by the ranking, then the mean"}
+SHOWN = "final answer: after the last </think>, 'None' when empty (NeMo Gym, NeMo-RL)"
+
 PARSER_VERSION = 1   # in the fingerprint: a resumed run never mixes two ways of reading
 
 
@@ -286,8 +371,12 @@ class JudgeTask:
     name = "judge"
     runner = "generate"
 
+    note_texts = {"response_reasoning_left_out": REASONING_NOTE}
+
     def __init__(self, sampling: SamplingConfig, fields: tuple[str, ...] = ("response",),
-                 recipe=None, context_limit: int | None = None):
+                 recipe=None, context_limit: int | None = None, votes: str = DEFAULT_VOTES):
+        if votes not in VOTES:
+            raise UsageError(f"--votes {votes!r}: use {' or '.join(VOTES)}")
         if len(fields) not in (1, 2):
             raise ValueError("a GenRM judges one response or two")
         self.sampling = sampling
@@ -296,7 +385,9 @@ class JudgeTask:
         self.recipe = recipe          # nfb.models.recipes.Recipe, when the model is known
         self.context_limit = context_limit
         # every GenRM nfb knows reasons first: a text without </think> was cut off
-        self.columns = JudgeColumns(self.responses, sampling.samples, reasons=recipe is not None)
+        self.votes = votes
+        self.columns = JudgeColumns(self.responses, sampling.samples, reasons=recipe is not None,
+                                    votes=votes)
 
     def schema(self, prefix: str) -> pa.Schema:
         return self.columns.schema(prefix)
@@ -306,6 +397,9 @@ class JudgeTask:
         if not conv.context or conv.context[-1].get("role") != "user":
             return "bad_messages:the turn before the judged response is not from the user"
         return None
+
+    def row_notes(self, conv: Conversation) -> tuple[str, ...]:
+        return reasoning_notes(conv.alternatives or (conv.response,))
 
     def check_tokenizer(self, tokenizer) -> None:
         """Once the engine's tokenizer is known (hub ids too): a template that cannot show
@@ -330,10 +424,10 @@ class JudgeTask:
 
     def settings(self) -> dict:
         out = {"responses": {f"response_{i}": f for i, f in enumerate(self.fields, 1)},
-               "sampling": asdict(self.sampling), "context_limit": self.context_limit,
+               "sampling": self.sampling.settings(), "context_limit": self.context_limit,
                "scales": {"helpfulness": list(HELPFULNESS), "ranking": list(RANKING)},
-               "votes": "mean over the samples that parsed", "parser": PARSER_VERSION,
-               "needs_reasoning": self.columns.reasons}
+               "votes": VOTE_TEXT[self.votes], "parser": PARSER_VERSION,
+               "needs_reasoning": self.columns.reasons, "responses_shown": SHOWN}
         if self.recipe is not None:
             out.update(recipe=self.recipe.name, card=self.recipe.card)
         return out

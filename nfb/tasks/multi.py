@@ -44,6 +44,15 @@ class MultiResponse:
     def check_row(self, row: dict) -> str | None:
         return self.inner.check_row(row)
 
+    @property
+    def note_texts(self) -> dict[str, str]:
+        return getattr(self.inner, "note_texts", {})
+
+    def row_notes(self, conv: Conversation) -> tuple[str, ...]:
+        """The inner task's notes, once a row (its responses share the conversation)."""
+        notes = getattr(self.inner, "row_notes", None)
+        return notes(conv) if notes is not None else ()
+
     def prompts(self, conv: Conversation, row: dict | None = None) -> list[Prompt]:
         out: list[Prompt] = []
         for response in conv.alternatives or (conv.response,):

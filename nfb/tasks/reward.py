@@ -127,6 +127,12 @@ def weighted_reward(values: list[float], weights: list[float]) -> float:
     return math.fsum(v * w for v, w in zip(values, weights, strict=True))
 
 
+SYSTEM_TURN_NOTE = (
+    "system_turn_left_out: a row's system turn is left out; a SteerLM reward model always sees "
+    "NeMo-Aligner's own system prompt (its training data carries no other), so the row is "
+    "scored as NVIDIA's code scores it; the summary counts these rows")
+
+
 class ScoreTask:
     """`nfb score`: raw reward-model heads per row (plus the head bias a converted NeMo model
     carries), and their weighted sum as `reward`.
@@ -159,6 +165,18 @@ class ScoreTask:
         fields = [pa.field(prefix + a, pa.float64()) for a in self.attributes or []]
         return pa.schema([*fields, pa.field(prefix + "reward", pa.float64())])
 
+    @property
+    def note_texts(self) -> dict[str, str]:
+        return {"system_turn_left_out": SYSTEM_TURN_NOTE} if self.prompt_format == "steerlm" \
+            else {}
+
+    def row_notes(self, conv) -> tuple[str, ...]:
+        """SteerLM leaves a row's system turn out (NeMo-Aligner's own prompt, always)."""
+        if self.prompt_format == "steerlm" and conv.context \
+                and conv.context[0].get("role") == "system":
+            return ("system_turn_left_out",)
+        return ()
+
     def prompts(self, conv) -> list[Prompt]:
         if self.prompt_format == "steerlm":
             from nfb.models.steerlm import steerlm_prompt
@@ -189,6 +207,8 @@ class ScoreTask:
                if self.attributes and self.weights else None,
                "head_bias": self.bias, "prompt_format": self.prompt_format,
                "recipe": self.recipe, "context_limit": self.context_limit}
+        if self.prompt_format == "steerlm":
+            out["system_turn"] = "left out: NeMo-Aligner's SYSTEM_PROMPT, always"
         if self.template_kwargs:  # only when set: older runs keep their fingerprint
             out["template_kwargs"] = self.template_kwargs
         if self.card:

@@ -379,7 +379,7 @@ def test_steerlm_system_turns_counted_across_a_resume(stub_cli, engines, models,
     from stub_engine import StubEngine
 
     rows = []
-    for i in range(30):
+    for i in range(60):
         msgs = [{"role": "user", "content": f"Question {i}?"},
                 {"role": "assistant", "content": f"Answer {i}."}]
         if i % 3 == 0:
@@ -390,7 +390,7 @@ def test_steerlm_system_turns_counted_across_a_resume(stub_cli, engines, models,
 
     def dies_once(cfg, runner):
         calls.append(1)
-        return StubEngine(cfg, runner, die_after=12 if len(calls) == 1 else None)
+        return StubEngine(cfg, runner, die_after=20 if len(calls) == 1 else None)
     engines("vllm", dies_once)
     args = ["--model", models["rm9"], "--prompt-format", "steerlm", "--weights",
             "llama3-70b-steerlm", "--messages-field", "messages", "--batch-rows", "4",
@@ -402,7 +402,7 @@ def test_steerlm_system_turns_counted_across_a_resume(stub_cli, engines, models,
     assert r.exit_code == 0 and "rows already done" in r.output, r.output
     t = pq.read_table(out)
     meta = orjson.loads(t.schema.metadata[b"nfb"])
-    assert meta["summary"]["notes"] == {"system_turn_left_out": 10}
+    assert meta["summary"]["notes"] == {"system_turn_left_out": 20}
     got = t.to_pylist()
     engines("vllm", StubEngine)
     bare = write_jsonl(tmp_path / "bare.jsonl",

@@ -56,7 +56,8 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
                 gpu_memory_utilization, dtype, trust_remote_code, enforce_eager, max_in_flight,
                 batch_rows, engine, ray_address, replicas, ray_block_rows, prefix, overwrite,
                 checkpoint_every, engine_restarts, stall_timeout, hf_overrides=None,
-                enable_prefix_caching=None, log=lambda _m: None) -> RunConfig:
+                enable_prefix_caching=None, data_parallel="auto",
+                log=lambda _m: None) -> RunConfig:
     """Check everything that needs no model (exit 2 / 1 before loading) and build the config."""
     from nfb.engines import check_engine
     from nfb.io.readers import resolve_inputs
@@ -93,6 +94,8 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
                          "after an engine restart")
     if output != "-" and any(os.path.abspath(f) == os.path.abspath(output) for f in files):
         raise UsageError(f"the output {output} is also an input")
+    from nfb.engines.replicas import resolve_data_parallel
+    data_parallel = resolve_data_parallel(data_parallel, tensor_parallel_size, engine)
     engine_cfg = EngineConfig(
         model=model, revision=revision, tensor_parallel_size=tensor_parallel_size,
         max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
@@ -100,7 +103,7 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
         hf_overrides=hf_overrides, enable_prefix_caching=enable_prefix_caching,
         max_in_flight=max_in_flight, backend=engine, ray_address=ray_address,
         replicas=replicas, ray_block_rows=ray_block_rows, engine_restarts=engine_restarts,
-        stall_timeout=stall_timeout)
+        stall_timeout=stall_timeout, data_parallel=data_parallel)
     return RunConfig(
         inputs=tuple(files), output=output, engine=engine_cfg,
         fields=fields,
@@ -187,6 +190,7 @@ def feedback(
     max_in_flight: int = 1024, batch_rows: int = 256,
     engine: str = "vllm", ray_address: str | None = None, replicas: int = 1,
     ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
+    data_parallel: int | str = "auto",
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
     progress: Progress | None = None, log: Callable[[str], None] | None = None,
@@ -209,6 +213,7 @@ def feedback(
         ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
         prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
         engine_restarts=engine_restarts, stall_timeout=stall_timeout,
+        data_parallel=data_parallel,
         enable_prefix_caching=True if samples > 1 else None, log=log)
     _check_context(cfg, max_tokens)
     task = FeedbackTask(sampling, recipe=_recipe("feedback", model, cfg.engine.model, None, log))
@@ -240,6 +245,7 @@ def judge(
     max_in_flight: int = 1024, batch_rows: int = 256,
     engine: str = "vllm", ray_address: str | None = None, replicas: int = 1,
     ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
+    data_parallel: int | str = "auto",
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
     progress: Progress | None = None, log: Callable[[str], None] | None = None,
@@ -270,6 +276,7 @@ def judge(
         ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
         prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
         engine_restarts=engine_restarts, stall_timeout=stall_timeout,
+        data_parallel=data_parallel,
         # a GenRM template puts its long instructions before every conversation
         enable_prefix_caching=True, log=log)
     found = _judge_recipe(model, cfg.engine.model, recipe, len(names), log)
@@ -327,6 +334,7 @@ def score(
     max_in_flight: int = 1024, batch_rows: int = 256,
     engine: str = "vllm", ray_address: str | None = None, replicas: int = 1,
     ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
+    data_parallel: int | str = "auto",
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
     progress: Progress | None = None, log: Callable[[str], None] | None = None,
@@ -351,7 +359,8 @@ def score(
         max_in_flight=max_in_flight, batch_rows=batch_rows, engine=engine,
         ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
         prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
-        engine_restarts=engine_restarts, stall_timeout=stall_timeout, log=log)
+        engine_restarts=engine_restarts, stall_timeout=stall_timeout,
+        data_parallel=data_parallel, log=log)
     if isinstance(principle, str):
         principle = [principle]
     principle = list(principle or [])

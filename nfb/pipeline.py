@@ -54,6 +54,7 @@ class RunResult:
     seconds: float = 0.0              # wall time of this invocation
     load_seconds: float = 0.0         # of which: starting the engine (loading the model)
     already_done: bool = False
+    data_parallel: int = 1            # engine replicas that ran (-dp)
 
     @property
     def error_rows(self) -> int:
@@ -63,7 +64,7 @@ class RunResult:
         return {"rows": self.rows, "error_rows": self.error_rows,
                 "errors": dict(self.errors.most_common()),
                 "levels": {str(k): v for k, v in sorted(self.levels.items())},
-                "unreadable": self.unreadable}
+                "unreadable": self.unreadable, "data_parallel": self.data_parallel}
 
 
 def error_code(reason: str) -> str:
@@ -382,8 +383,9 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
         progress.advance(len(table))
 
     t_load = time.monotonic()
-    engine = _start(engine_factory, wd)
+    engine = _start(engine_factory, wd, progress)
     result.load_seconds = time.monotonic() - t_load
+    result.data_parallel = getattr(engine, "data_parallel", 1)
     restarts = cfg.engine.engine_restarts
     pending_total = total if isinstance(total, Future) else None
     progress.start(None if pending_total else total, result.resumed_rows)
@@ -405,6 +407,7 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
                 if sink is not None:
                     sink.flush()
                 saved = result.resumed_rows + result.new_rows
+                restarts -= getattr(engine, "restarts_used", 0)   # replicas restart themselves
                 engine.close()
                 engine = None
                 if restarts <= 0:
@@ -415,7 +418,7 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
                 progress.note(f"{e}; restarting the engine ({restarts} restart(s) left)")
                 done = _union(done, collector.emitted)
                 t_load = time.monotonic()
-                engine = _start(engine_factory, wd)
+                engine = _start(engine_factory, wd, progress)
                 result.load_seconds += time.monotonic() - t_load
         if sink is not None:
             sink.flush()
@@ -429,9 +432,13 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
             wd.forget_engine()
 
 
-def _start(engine_factory: Callable[[], Engine], wd: WorkDir | None) -> Engine:
+def _start(engine_factory: Callable[[], Engine], wd: WorkDir | None,
+           progress: Progress | None = None) -> Engine:
     """Start the engine; record its processes in the work directory (for leftovers)."""
     engine = engine_factory()
+    set_note = getattr(engine, "set_note", None)   # replicas say when one restarts
+    if callable(set_note) and progress is not None:
+        set_note(progress.note)
     pids = getattr(engine, "pids", None)
     if wd is not None and callable(pids):
         wd.record_engine(pids())

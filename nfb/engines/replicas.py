@@ -238,7 +238,9 @@ def _replica_main(conn) -> None:
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is nfb's to handle
     os.dup2(2, 1)                                    # stdout may be nfb's data (-o -)
-    sys.path[:0] = [p for p in init["path"] if p not in sys.path]
+    # nfb's own import path, in its order (as multiprocessing's spawn does), so a replica
+    # imports what nfb imports (a site's engine factory, a test's stub)
+    sys.path[:] = [*init["path"], *(p for p in sys.path if p not in init["path"])]
     from nfb.logs import quiet_engine_logs, verbose
 
     if not verbose():

@@ -58,6 +58,7 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
                 batch_rows, engine, ray_address, replicas, ray_block_rows, prefix, overwrite,
                 checkpoint_every, engine_restarts, stall_timeout, hf_overrides=None,
                 enable_prefix_caching=None, too_long="error", max_line_bytes=None,
+                data_parallel="auto",
                 log=lambda _m: None) -> RunConfig:
     """Check everything that needs no model (exit 2 / 1 before loading) and build the config."""
     from nfb.engines import check_engine
@@ -104,6 +105,8 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
     if is_url(output):
         from nfb.io.storage import check_output
         check_output(output)
+    from nfb.engines.replicas import resolve_data_parallel
+    data_parallel = resolve_data_parallel(data_parallel, tensor_parallel_size, engine)
     engine_cfg = EngineConfig(
         model=model, revision=revision, tensor_parallel_size=tensor_parallel_size,
         max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
@@ -111,7 +114,7 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
         hf_overrides=hf_overrides, enable_prefix_caching=enable_prefix_caching,
         max_in_flight=max_in_flight, backend=engine, ray_address=ray_address,
         replicas=replicas, ray_block_rows=ray_block_rows, engine_restarts=engine_restarts,
-        stall_timeout=stall_timeout)
+        stall_timeout=stall_timeout, data_parallel=data_parallel)
     return RunConfig(
         inputs=tuple(files), output=output, engine=engine_cfg,
         fields=fields,
@@ -212,6 +215,7 @@ def feedback(
     max_in_flight: int = 1024, batch_rows: int = 256,
     engine: str = "vllm", ray_address: str | None = None, replicas: int = 1,
     ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
+    data_parallel: int | str = "auto",
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
     too_long: str = "error", max_line_bytes: int | None = None,
@@ -237,7 +241,7 @@ def feedback(
         prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
         engine_restarts=engine_restarts, stall_timeout=stall_timeout,
         enable_prefix_caching=True if samples > 1 else None, too_long=too_long,
-        max_line_bytes=max_line_bytes, log=log)
+        max_line_bytes=max_line_bytes, data_parallel=data_parallel, log=log)
     _check_context(cfg, max_tokens)
     task = FeedbackTask(sampling, recipe=_recipe("feedback", model, cfg.engine.model, None, log))
     return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log)
@@ -287,6 +291,7 @@ def judge(
     max_in_flight: int = 1024, batch_rows: int = 256,
     engine: str = "vllm", ray_address: str | None = None, replicas: int = 1,
     ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
+    data_parallel: int | str = "auto",
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
     too_long: str = "error", max_line_bytes: int | None = None,
@@ -328,6 +333,7 @@ def judge(
         ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
         prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
         engine_restarts=engine_restarts, stall_timeout=stall_timeout,
+        data_parallel=data_parallel,
         # a GenRM template puts its long instructions before every conversation
         enable_prefix_caching=True, too_long=too_long, max_line_bytes=max_line_bytes, log=log)
     found = _judge_recipe(model, cfg.engine.model, recipe, len(names), log)
@@ -335,7 +341,7 @@ def judge(
         return _judge_principle(cfg, found, principle=principle, principle_field=principle_field,
                                 names=names, samples=samples, votes=votes, temperature=temperature,
                                 top_p=top_p, max_tokens=max_tokens, seed=seed, engine=engine,
-                                progress=progress, log=log)
+                                dry_run=dry_run, card=card, progress=progress, log=log)
     if principle is not None or principle_field is not None:
         raise UsageError("--principle and --principle-field are for the Principle GenRM "
                          "(nvidia/Qwen3-Nemotron-32B-GenRM-Principle); pass --recipe "
@@ -353,7 +359,8 @@ def judge(
 
 
 def _judge_principle(cfg: RunConfig, found, *, principle, principle_field, names, samples,
-                     votes, temperature, top_p, max_tokens, seed, engine, progress, log):
+                     votes, temperature, top_p, max_tokens, seed, engine, dry_run, card,
+                     progress, log):
     """`nfb judge` with the Principle GenRM: checks before loading, then the run."""
     from nfb.modelinfo import read_tokenizer
     from nfb.tasks.principle import (
@@ -384,7 +391,7 @@ def _judge_principle(cfg: RunConfig, found, *, principle, principle_field, names
         tok = read_tokenizer(cfg.engine.model, cfg.engine.revision, cfg.engine.trust_remote_code)
         if tok is not None:
             task.check_tokenizer(tok)
-    return run(cfg, task, progress=progress, log=log)
+    return _go(cfg, task, dry_run, card, progress, log)
 
 
 def _judge_recipe(name: str, model_dir: str, recipe: str | None, responses: int,
@@ -448,6 +455,7 @@ def score(
     max_in_flight: int = 1024, batch_rows: int = 256,
     engine: str = "vllm", ray_address: str | None = None, replicas: int = 1,
     ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
+    data_parallel: int | str = "auto",
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
     too_long: str = "error", max_line_bytes: int | None = None,
@@ -475,7 +483,7 @@ def score(
         ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
         prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
         engine_restarts=engine_restarts, stall_timeout=stall_timeout, too_long=too_long,
-        max_line_bytes=max_line_bytes, log=log)
+        max_line_bytes=max_line_bytes, data_parallel=data_parallel, log=log)
     if isinstance(principle, str):
         principle = [principle]
     principle = list(principle or [])

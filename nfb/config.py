@@ -2,8 +2,9 @@
 
 One owner per setting:
 - `EngineConfig`: where and how the model runs. Only `result_key()` (model, revision, dtype,
-  context length, head overrides) changes results; tensor parallelism, memory, the in-flight
-  window, Ray placement and fault handling do not, so a resumed run may use another layout.
+  context length, head overrides) changes results; tensor and data parallelism, memory, the
+  in-flight window, Ray placement and fault handling do not, so a resumed run may use another
+  layout.
 - the task (`nfb.tasks`): what the model sees and how outputs become columns; its
   `settings()` hold resolved values (the weight vector, not the spelling of `--weights`;
   the sampling parameters; the prompt), so two spellings of one run are one run.
@@ -47,6 +48,7 @@ class EngineConfig:
     backend: str = "vllm"                         # "vllm" in-process, "ray", or a registered one
     ray_address: str | None = None
     replicas: int = 1
+    data_parallel: int = 1                        # in-process vLLM replicas (resolved -dp)
     ray_block_rows: int = 100_000
     engine_restarts: int = 0                      # restarts after an engine death, per run
     stall_timeout: float = 600.0                  # seconds without progress = a stalled engine
@@ -265,6 +267,7 @@ def provenance(cfg: RunConfig, task_name: str, task_settings: dict,
         "max_model_len": cfg.engine.max_model_len,
         "hf_overrides": cfg.engine.hf_overrides,
         "tensor_parallel_size": cfg.engine.tensor_parallel_size,
+        "data_parallel": cfg.engine.data_parallel,
         "fields": asdict(cfg.fields),
         "prefix": cfg.prefix,
         "inputs": list(cfg.inputs),

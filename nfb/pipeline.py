@@ -64,6 +64,7 @@ class RunResult:
     load_seconds: float = 0.0         # of which: starting the engine (loading the model)
     already_done: bool = False
     card: str | None = None           # the dataset card written beside the output (--card)
+    data_parallel: int = 1            # engine replicas that ran (-dp)
 
     @property
     def error_rows(self) -> int:
@@ -73,7 +74,8 @@ class RunResult:
         return {"rows": self.rows, "error_rows": self.error_rows,
                 "errors": dict(self.errors.most_common()),
                 "levels": {str(k): v for k, v in sorted(self.levels.items())},
-                "unreadable": self.unreadable, "notes": dict(self.notes.most_common())} | (
+                "unreadable": self.unreadable, "notes": dict(self.notes.most_common()),
+                "data_parallel": self.data_parallel} | (
                     {} if self.truncated is None else {"truncated": self.truncated})
 
 
@@ -492,8 +494,9 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
         progress.advance(len(table))
 
     t_load = time.monotonic()
-    engine = _start(engine_factory, wd)
+    engine = _start(engine_factory, wd, progress)
     result.load_seconds = time.monotonic() - t_load
+    result.data_parallel = getattr(engine, "data_parallel", 1)
     restarts = cfg.engine.engine_restarts
     pending_total = total if isinstance(total, Future) else None
     progress.start(None if pending_total else total, result.resumed_rows)
@@ -516,6 +519,7 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
                 if sink is not None:
                     sink.flush()
                 saved = result.resumed_rows + result.new_rows
+                restarts -= getattr(engine, "restarts_used", 0)   # replicas restart themselves
                 engine.close()
                 engine = None
                 if restarts <= 0:
@@ -526,7 +530,7 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
                 progress.note(f"{e}; restarting the engine ({restarts} restart(s) left)")
                 done = _union(done, collector.emitted)
                 t_load = time.monotonic()
-                engine = _start(engine_factory, wd)
+                engine = _start(engine_factory, wd, progress)
                 result.load_seconds += time.monotonic() - t_load
         if sink is not None:
             sink.flush()
@@ -540,9 +544,13 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
             wd.forget_engine()
 
 
-def _start(engine_factory: Callable[[], Engine], wd: WorkDir | None) -> Engine:
+def _start(engine_factory: Callable[[], Engine], wd: WorkDir | None,
+           progress: Progress | None = None) -> Engine:
     """Start the engine; record its processes in the work directory (for leftovers)."""
     engine = engine_factory()
+    set_note = getattr(engine, "set_note", None)   # replicas say when one restarts
+    if callable(set_note) and progress is not None:
+        set_note(progress.note)
     pids = getattr(engine, "pids", None)
     if wd is not None and callable(pids):
         wd.record_engine(pids())

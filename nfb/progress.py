@@ -115,6 +115,8 @@ def print_summary(console: Console, result: RunResult, task: str) -> None:
         work = result.seconds - result.load_seconds
         rate = result.new_rows / work if work > 0 else 0.0
         t.add_row("model load", f"{result.load_seconds:,.1f} s")
+        if result.data_parallel > 1:
+            t.add_row("engine replicas (-dp)", f"{result.data_parallel}")
         t.add_row("scoring", f"{work:,.1f} s ({rate:,.1f} rows/s)")
     t.add_row("rows with errors", f"{result.error_rows:,}")
     for code, n in result.errors.most_common():

@@ -63,7 +63,8 @@ def engine_key(cfg, runner: str) -> tuple:
     """Every engine setting that can change what the engine computes."""
     return (cfg.model, runner, cfg.revision, cfg.tensor_parallel_size, cfg.dtype,
             cfg.max_model_len, orjson.dumps(cfg.hf_overrides, option=orjson.OPT_SORT_KEYS),
-            cfg.enable_prefix_caching, cfg.enforce_eager, cfg.trust_remote_code)
+            cfg.enable_prefix_caching, cfg.enforce_eager, cfg.trust_remote_code,
+            cfg.data_parallel)
 
 
 # each CPU engine holds ~1.5 GB (weights, 1 GiB of KV cache, torch): keep the most recently
@@ -72,6 +73,7 @@ MAX_ENGINES = int(os.environ.get("NFB_TEST_MAX_ENGINES", "3"))
 
 
 def shared_engine(engine_cfg, runner: str):
+    from nfb.engines.replicas import ReplicaSet
     from nfb.engines.vllm import VLLMEngine
 
     key = engine_key(engine_cfg, runner)
@@ -81,8 +83,9 @@ def shared_engine(engine_cfg, runner: str):
         while len(_ENGINES) >= MAX_ENGINES:
             oldest = next(iter(_ENGINES))
             _ENGINES.pop(oldest).close()
-        _ENGINES[key] = VLLMEngine(dataclasses.replace(engine_cfg, gpu_memory_utilization=0.2),
-                                   runner)
+        cfg = dataclasses.replace(engine_cfg, gpu_memory_utilization=0.2)
+        # -dp N: N replica processes (nfb.engines.replicas), shared like one engine
+        _ENGINES[key] = (ReplicaSet if cfg.data_parallel > 1 else VLLMEngine)(cfg, runner)
     return _Shared(_ENGINES[key], engine_cfg.max_in_flight)
 
 

@@ -49,6 +49,11 @@ ENGINE_OPTIONS = {
                                "--trust-remote-code"), False),
     "tensor_parallel_size": (_opt(int, "GPUs per model (tensor parallelism).", _ENGINE,
                                   "--tensor-parallel-size", "-tp", min=1), 1),
+    "data_parallel": (_opt(str, "Engine replicas, each a process with -tp devices of its own "
+                           "(a node's GPUs in groups of -tp; CPU cores in groups); 'auto': as "
+                           "many as the visible GPUs hold, 1 on a CPU. Never changes the "
+                           "output.", _ENGINE, "--data-parallel", "-dp",
+                           metavar="N|auto"), "auto"),
     "max_model_len": (_opt(Optional[int], "Context length (prompt + output tokens); default: "
                            "the model's.", _ENGINE, min=16), None),
     "gpu_memory_utilization": (_opt(Optional[float], "Fraction of GPU memory vLLM may use "

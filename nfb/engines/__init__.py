@@ -1,6 +1,7 @@
 """Engines and the one seam that starts them.
 
-`make_engine(cfg, runner)` starts the engine named by `cfg.backend`: "vllm" (in this process)
+`make_engine(cfg, runner)` starts the engine named by `cfg.backend`: "vllm" (in this process,
+or with `cfg.data_parallel` > 1 one replica process per device group, nfb.engines.replicas)
 or "ray" (Ray Data LLM). `register_engine(name, factory)` adds or replaces one; tests use it
 to hand runs a shared or stub engine, and a site can plug in its own, also from the
 environment (`NFB_ENGINES="name=module:callable"`, e.g. for nfb run as a subprocess).
@@ -17,6 +18,9 @@ Factory = Callable[[EngineConfig, str], Any]
 
 
 def _vllm(cfg: EngineConfig, runner: str):
+    if cfg.data_parallel > 1:   # one process per replica, each with devices of its own
+        from nfb.engines.replicas import ReplicaSet
+        return ReplicaSet(cfg, runner)
     from nfb.engines.vllm import VLLMEngine
     return VLLMEngine(cfg, runner)
 

@@ -13,7 +13,9 @@ from typing import Any, Protocol
 
 from nfb.config import SamplingConfig
 
-Request = tuple[Any, list[int]]          # (caller's key, prompt token ids)
+# (caller's key, prompt token ids); the requests of one row have tuple keys that differ only
+# in their last element (the pipeline's (chunk, row, request)): replicas keep them together
+Request = tuple[Any, list[int]]
 
 
 class Engine(Protocol):

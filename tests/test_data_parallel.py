@@ -294,7 +294,7 @@ def test_dp2_equals_dp1_feedback_score_and_resume_across_dp(cli, models, tmp_pat
     for dp in ("1", "2"):
         out = tmp_path / f"sc{dp}.parquet"
         r = cli("score", src, "-o", out, "--model", models["rm9"], "-dp", dp, "--dtype",
-                "float32", "--batch-rows", "6")
+                "float32", "--batch-rows", "6", "--weights", "llama3-70b-steerlm")
         assert r.exit_code == 0, r.output
         scores[dp] = _rows(out)[0]
     for a, b in zip(scores["1"], scores["2"]):

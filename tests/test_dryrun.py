@@ -85,7 +85,8 @@ def test_dry_run_api_and_score_estimate(engines, models, tmp_path):
 
     engines("vllm", _no_engine)
     src = write_jsonl(tmp_path / "in.jsonl", sample_rows(25) + [{"prompt": "p"}])
-    plan = nfb.score(src, tmp_path / "o.parquet", model=str(models["rm9"]), dry_run=True)
+    plan = nfb.score(src, tmp_path / "o.parquet", model=str(models["rm9"]),
+                     weights="llama3-70b-steerlm", dry_run=True)
     assert plan.dry_run and plan.rows == 26 and plan.requests == 25
     assert dict(plan.errors) == {"missing_field": 1} and plan.sequences == 0
     s = plan.summary()

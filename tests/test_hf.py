@@ -143,7 +143,8 @@ def test_card_for_score_has_the_quantiles(stub_cli, models, tmp_path):
 
     src = write_jsonl(tmp_path / "in.jsonl", sample_rows(30))
     out = tmp_path / "scored.jsonl"
-    r = stub_cli("score", src, "-o", out, "--model", models["rm9"], "--card")
+    r = stub_cli("score", src, "-o", out, "--model", models["rm9"], "--card",
+                 "--weights", "llama3-70b-steerlm")
     assert r.exit_code == 0, r.output
     nfb = _card(tmp_path / "README.md")[0]["nfb"]
     rewards = [orjson.loads(x)["reward"] for x in out.read_bytes().splitlines()]

@@ -144,11 +144,11 @@ def test_verbs_read_from_s3(stub_cli, models, s3, tmp_path):
     s3.put("in.jsonl", _jsonl(sample_rows(9)))
     out = f"s3://{s3.name}/scored.parquet"
     r = stub_cli("score", f"s3://{s3.name}/in.jsonl", "-o", out, "--model", models["rm9"],
-                 "--dry-run", "--json")
+                 "--weights", "llama3-70b-steerlm", "--dry-run", "--json")
     assert r.exit_code == 0, r.output
     assert orjson.loads(r.stdout)["requests"] == 9 and s3.keys() == ["in.jsonl"]
     r = stub_cli("score", f"s3://{s3.name}/in.jsonl", "-o", out, "--model", models["rm9"],
-                 "--card")
+                 "--weights", "llama3-70b-steerlm", "--card")
     assert r.exit_code == 0, r.output
     assert s3.keys() == ["README.md", "in.jsonl", "scored.parquet"]
     import yaml

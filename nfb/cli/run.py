@@ -36,7 +36,8 @@ INPUT_OPTIONS = {
     "too_long": (_opt(str, "A row over the model's context: 'error' (an error row, "
                       "prompt_too_long), 'drop-context' (drop the oldest turns before the final "
                       "prompt until it fits) or 'truncate' (then cut the final prompt's middle; "
-                      "never the judged response). Shortened rows: column nfb_truncated.", _IN),
+                      "never the judged response). Shortened rows: column nfb_truncated.", _IN,
+                      metavar="POLICY"),
                  "error"),
     "max_line_bytes": (_opt(Optional[int], "Longest JSONL input line read [default: 64 MiB]; "
                             "a longer line is one error row (line_too_long), skipped without "

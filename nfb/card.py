@@ -37,6 +37,10 @@ def _read(path: str) -> bytes | None:
             return fh.read()
     except FileNotFoundError:
         return None
+    except OSError as e:
+        from nfb.io.outputs import describe
+        raise UsageError(f"{path}: cannot read it ({describe(e)}); move it, or write the "
+                         "output into another directory") from None
 
 
 def check_card(output: str) -> None:
@@ -128,8 +132,15 @@ def write_card(output: str) -> str:
     if storage.is_url(path):
         storage.write_bytes(path, text)
         return path
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    from nfb.io.outputs import OutputLock, temp_path, write_error
+
+    with OutputLock(path):   # two runs writing into one folder never share the card
+        tmp = temp_path(path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise write_error(e, path) from None
     return path

@@ -129,7 +129,7 @@ _HASHED_MAX = 64 << 20     # files up to this size are hashed whole
 _MODEL_FILES_MAX = 5000
 
 
-def model_identity(model: str) -> dict:
+def model_identity(model: str, times: bool = True) -> dict:
     """What a local model directory holds: a hash of every small file (config, tokenizer,
     chat template, generation config, code) and the names, sizes and modification times of
     the weight files, so changed weights or a changed template at the same path are another
@@ -157,13 +157,13 @@ def model_identity(model: str) -> dict:
         except OSError:
             continue
         if is_weight or st.st_size > _HASHED_MAX:
-            weights.append([rel, st.st_size, st.st_mtime_ns])
+            weights.append([rel, st.st_size, st.st_mtime_ns if times else None])
             continue
         try:
             with open(f, "rb") as fh:
                 data = fh.read()
         except OSError:
-            weights.append([rel, st.st_size, st.st_mtime_ns])
+            weights.append([rel, st.st_size, st.st_mtime_ns if times else None])
             continue
         contents.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
     return {"files": contents.hexdigest()[:32], "weights": weights}
@@ -283,9 +283,12 @@ def provenance(cfg: RunConfig, task_name: str, task_settings: dict,
         "identity": ident,
         # the same run without --shard: shards of one job share it, and their merge carries
         # it, so the unsharded command sees the merge as complete
+        # (the weights by name and size, not time: each node of a sharded job may hold a
+        # copy of the model of its own)
         "settings_fingerprint": fingerprint(cfg, task_name, task_settings, {
-            **ident, "settings": _hash(result_spec(replace(cfg, shard=None), task_name,
-                                                   task_settings))}),
+            **ident, "model": _hash(model_identity(cfg.engine.model, times=False)),
+            "settings": _hash(result_spec(replace(cfg, shard=None), task_name,
+                                          task_settings))}),
     }
     if extra:
         out.update(extra)

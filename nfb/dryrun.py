@@ -97,6 +97,7 @@ class DryRunResult:
     sequences: int = 0               # generated sequences (requests x samples), 0 for score
     prompt_tokens: list[int] = field(default_factory=list, repr=False)
     errors: Counter = field(default_factory=Counter)
+    truncated: int | None = None     # rows --too-long would shorten (None: the policy is error)
     max_tokens: int = 0
     max_model_len: int = 0
     prompt_budget: int = 0
@@ -147,6 +148,7 @@ class DryRunResult:
                 "requests": self.requests, "sequences": self.sequences,
                 "prompt_tokens": self.token_stats(), "error_rows": self.error_rows,
                 "errors": dict(self.errors.most_common()),
+                **({} if self.truncated is None else {"truncated": self.truncated}),
                 "max_model_len": self.max_model_len, "prompt_budget": self.prompt_budget,
                 "max_tokens": self.max_tokens, "seconds": round(self.seconds, 2),
                 "estimate": self.estimate()}
@@ -189,6 +191,10 @@ def dry_run(cfg: RunConfig, task: Task, log=lambda _m: None) -> DryRunResult:
             res.rows += len(prep.pending.rows)
             for _, reason in prep.failed:
                 res.errors[error_code(reason)] += 1
+            if cfg.too_long != "error":
+                failed = {j for j, _ in prep.failed}
+                res.truncated = (res.truncated or 0) + sum(
+                    1 for j in prep.truncated if j not in failed)
             for _, toks in prep.requests:
                 res.requests += len(toks)
                 res.prompt_tokens.extend(len(t) for t in toks)

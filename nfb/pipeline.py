@@ -291,7 +291,11 @@ def finished_result(cfg: RunConfig, fp: str, meta_now: dict | None = None
         raise ResumeError(f"{cfg.output} already exists, and input from stdin cannot be checked "
                           "against it; add --overwrite to replace it")
     meta = read_metadata(cfg.output)
-    if meta and meta.get("fingerprint") == fp:
+    # a merge of shards carries the unsharded run's settings fingerprint (weights by name
+    # and size, not time: the shards' nodes may each hold a copy of the model)
+    merged = (cfg.shard is None and meta_now is not None and meta is not None
+              and meta.get("fingerprint") == meta_now.get("settings_fingerprint"))
+    if meta and (meta.get("fingerprint") == fp or merged):
         wd.remove()  # killed after the output was complete, while cleaning up: tidy it
         s = meta.get("summary", {})
         return RunResult(cfg.output, rows=s.get("rows", 0), errors=Counter(s.get("errors", {})),

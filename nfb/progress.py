@@ -179,6 +179,8 @@ def print_plan(plan, as_json: bool) -> None:
     t.add_row("rows with errors", f"{s['error_rows']:,}")
     for code, n in s["errors"].items():
         t.add_row(f"  {code}", f"{n:,}")
+    if s.get("truncated") is not None:
+        t.add_row("rows shortened (--too-long)", f"{s['truncated']:,}")
     t.add_row("this dry run", f"{s['seconds']:,.1f} s")
     out.print(t)
     est = s["estimate"]

@@ -47,7 +47,7 @@ def workdir_for(output: str) -> Path:
 
     if storage.is_url(output):   # a store output's work stays local (see nfb.io.storage)
         return storage.local_home(output) / (os.path.basename(output) + ".nfb")
-    p = Path(output)
+    p = Path(os.path.realpath(output)) if os.path.islink(output) else Path(output)
     return p.with_name(p.name + ".nfb")
 
 

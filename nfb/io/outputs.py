@@ -53,6 +53,8 @@ def local_stand_in(output: str | os.PathLike) -> Path:
         from nfb.io.storage import local_home
 
         return local_home(str(output)) / os.path.basename(str(output).rstrip("/"))
+    if os.path.islink(output):   # one output, whatever name it is reached by
+        return Path(os.path.realpath(output))
     return Path(output)
 
 

@@ -70,9 +70,10 @@ def _without(files: list[str], exclude: str | None) -> list[str]:
     if not exclude or exclude == STDIN:
         return files
     from nfb.io.outputs import inside, same_file
+    from nfb.io.storage import is_url
     wd = exclude + ".nfb"
     return [f for f in files if not inside(f, wd)
-            and not (os.path.exists(exclude) and same_file(f, exclude))]
+            and not ((is_url(exclude) or os.path.exists(exclude)) and same_file(f, exclude))]
 
 
 def _names(d: str, hidden: bool, dirs_only: bool = False) -> list[str]:
@@ -148,7 +149,7 @@ def resolve_inputs(specs: list[str], exclude: str | None = None) -> list[str]:
             files.append(STDIN)
             continue
         if storage.is_url(spec):   # s3://, gs://, hf://...: globs and prefixes as directories
-            files.extend(_url_files(spec))
+            files.extend(_without(_url_files(spec), exclude))
             continue
         if any(c in spec for c in "*?["):
             matches = glob_files(spec)

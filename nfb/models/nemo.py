@@ -462,7 +462,7 @@ def _zarr_arrays(src: _Source, wdir: str) -> dict[str, _Array]:
 # ----------------------------------------------------------------------------- torch_dist
 
 
-class _SafeUnpickler(pickle.Unpickler):
+class _SafeUnpickler(pickle._Unpickler):
     """DCP's `.metadata` is a pickle. It may name only the exact (module, name) pairs of
     `allowed()`: the metadata classes `torch.distributed.checkpoint` pickles (torch 2.13's
     `dcp.save` writes Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata,
@@ -517,6 +517,18 @@ class _SafeUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("refusing a persistent id")
+
+    # BUILD sets an object's state; on a class (an allowed global) it would set attributes
+    # of that class for the whole process (e.g. PurePath.__fspath__): refused. The pure-Python
+    # unpickler is used because the C one offers no hook for it (the metadata is small).
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def _load_build(self):
+        if len(self.stack) >= 2 and isinstance(self.stack[-2], type):
+            raise pickle.UnpicklingError("refusing to set the state of a class")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
 
 def _read_dcp_metadata(src: _Source, wdir: str):

@@ -81,7 +81,8 @@ def test_help_names_values_and_shows_nothing_beside_flags(helptext, command):
             assert after[0].isupper() and not after.isupper(), (command, row)
         else:
             # a value: named in capitals (PATH, MODEL, N, FLOAT, I/N) or as its choices
-            assert re.fullmatch(r"[A-Z][A-Z0-9_/=]*(\|[a-z-]+)*|[a-z-]+(\|[a-z-]+)+", after), (command, row)
+            assert re.fullmatch(r"[A-Z][A-Z0-9_/=]*(\|[a-z-]+)*|[a-z-]+(\|[a-z-]+)+", after), \
+                (command, row)
     if command in ("feedback", "score", "judge"):
         for value in ("PATH", "MODEL", "N", "FLOAT", "I/N", "FIELD"):
             assert re.search(rf"\s{re.escape(value)}(\s|$)", text), (command, value)

@@ -313,3 +313,18 @@ def test_a_scheme_without_its_package_is_a_usage_error(stub_cli, tiny_tokenizer_
     if importlib.util.find_spec("gcsfs") is None:
         r = stub_cli("stats", "gs://b/x.parquet")
         assert "needs gcsfs" in _one_line_error(r, 2)
+
+
+def test_rerun_with_the_output_in_its_input_prefix_is_complete(stub_cli, tiny_tokenizer_model,
+                                                               s3):
+    """An output written under the input prefix (or glob) is not read back as input: the
+    same command again reports it complete instead of refusing an output that is an input."""
+    s3.put("data/a.jsonl", _jsonl(sample_rows(5)))
+    out = f"s3://{s3.name}/data/out.parquet"
+    for spec in (f"s3://{s3.name}/data/", f"s3://{s3.name}/data/*"):
+        args = (spec, "-o", out, "--model", tiny_tokenizer_model, *FAST)
+        r = stub_cli("feedback", *args)
+        assert r.exit_code == 0, r.output
+        assert pq.read_table(io.BytesIO(s3.get("data/out.parquet"))).num_rows == 5
+        r = stub_cli("feedback", *args)
+        assert r.exit_code == 0 and "already complete" in " ".join(r.output.split()), r.output

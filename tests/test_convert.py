@@ -349,7 +349,7 @@ def test_score_converted_model_through_vllm_matches_reference(cli, converted, ck
     src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     out = tmp_path / "out.parquet"
     r = cli("score", src, "-o", out, "--model", converted, "--messages-field", "messages",
-            "--dtype", "float32")
+            "--dtype", "float32", "--weights", "llama3-70b-steerlm")
     assert r.exit_code == 0, r.output
     weights = PRESETS["llama3-70b-steerlm"][0]
     table = pq.read_table(out).to_pylist()
@@ -429,7 +429,7 @@ def test_system_turns_and_long_histories_score_as_nemo_aligner(cli, converted, c
     src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     out = tmp_path / "out.parquet"
     r = cli("score", src, "-o", out, "--model", converted, "--messages-field", "messages",
-            "--dtype", "float32")
+            "--dtype", "float32", "--weights", "llama3-70b-steerlm")
     assert r.exit_code == 0, r.output
     assert r.output.count("system turn is left out") == 1            # named once
     assert "rows noted system_turn_left_out" in r.output

@@ -8,7 +8,7 @@ The one-call API (see `nfb.api`): `nfb.feedback`, `nfb.score`, `nfb.judge`, `nfb
 import sys
 import types
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
 
 _API = ("feedback", "score", "judge", "filter", "stats", "merge", "convert", "pairs", "evaluate",
         "report")

@@ -50,10 +50,6 @@ def register_engine(name: str, factory: Factory, check: Callable[[], None] | Non
     return old
 
 
-def engine_names() -> list[str]:
-    return list(_FACTORIES)
-
-
 def check_engine(name: str) -> None:
     from nfb.errors import UsageError
 

@@ -10,8 +10,9 @@ time of every engine process. The guardian waits on its stdin: at EOF without a 
 line, nfb is gone, and it kills each recorded process that is still the same process (pid and
 start time match), children first.
 
-The second line of defence is `engine.json` in the work directory (see `stop_leftovers`):
-the next run of the same command stops a leftover engine of a killed run before it loads.
+The second line of defence is `engine.json` in the work directory (see
+`nfb.pipeline.stop_leftover_engine`): the next run of the same command stops a leftover engine
+of a killed run before it loads (only the user's own vLLM/nfb processes: `kill_processes`).
 """
 
 from __future__ import annotations

@@ -287,12 +287,6 @@ def _json_array(values: list) -> pa.Array:
     return pa.array([json_text(v) for v in values], type=pa.string())
 
 
-def column_array(values: list) -> pa.Array:
-    """An Arrow array of `values` (a string array of JSON text when no type fits them all;
-    use `column_field` to know which)."""
-    return typed_column(values)[1]
-
-
 def typed_column(values: list, kind=None) -> tuple[object, pa.Array]:
     """(kind, array) for `values`: kind is an Arrow type or JSON."""
     if kind is None:
@@ -375,12 +369,3 @@ def conform(table: pa.Table, schema: pa.Schema, keep_extra: bool = False) -> pa.
                 cols.append(table.column(f.name))
                 fields.append(f)
     return pa.Table.from_arrays(cols, schema=pa.schema(fields))
-
-
-def restore_json_fields(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Mark again as JSON text the string columns that `schema` says are (a trip through
-    DuckDB or pandas drops field metadata; without the mark JSONL output would quote them)."""
-    fields = [json_field(f.name) if f.name in schema.names and is_json_field(
-        schema.field(f.name)) and pa.types.is_string(f.type) else f for f in table.schema]
-    return pa.Table.from_arrays(table.columns,
-                                schema=pa.schema(fields, metadata=table.schema.metadata))

@@ -160,12 +160,6 @@ def read_chunks(path: str, start: int, batch_rows: int) -> Iterator[Chunk]:
         yield from flush(0)
 
 
-def empty_table(path: str) -> pa.Table | None:
-    """A zero-row table with the file's columns (None if the footer is unreadable)."""
-    s = schema(path)
-    return s.empty_table() if s is not None else None
-
-
 # --- writing -------------------------------------------------------------------------------
 
 def fsync_dir(path: Path) -> None:

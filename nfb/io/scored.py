@@ -1,7 +1,7 @@
 """Reading nfb outputs back (filter, stats, merge): streamed tables, provenance, and a DuckDB
 view over all inputs.
 
-`open_scored` checks every input up front (a 0-byte or damaged Parquet file is an InputError,
+`ScoredView` checks every input up front (a 0-byte or damaged Parquet file is an InputError,
 not a traceback), unifies their schemas with nfb's own rules, and opens an in-process DuckDB
 connection with one view, `scored`, over all of them (Parquet read in place; JSONL read once
 by nfb's reader, every key of every row, and spooled to a temporary Parquet file, so values
@@ -198,10 +198,6 @@ class ScoredView:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def open_scored(files: list[str], **kw) -> ScoredView:
-    return ScoredView(files, **kw)
 
 
 def _sql_str(s: str) -> str:

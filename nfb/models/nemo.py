@@ -1000,18 +1000,6 @@ def _load_tokenizer(tokenizer: str):
                            EXIT_BEFORE) from None
 
 
-def inspect_nemo(src: str | os.PathLike) -> dict:
-    """Read a checkpoint's config and tensor list (no tensor data): for `nfb convert --check`
-    style uses and tests."""
-    source = _Source(Path(src))
-    try:
-        cfg, arrays, backend = _open_checkpoint(source)
-        return {"config": cfg, "backend": backend,
-                "tensors": {k: list(v.shape) for k, v in arrays.items()}}
-    finally:
-        source.close()
-
-
 def _open_checkpoint(src: _Source) -> tuple[dict, dict[str, _Array], str]:
     if not src.path.exists():
         raise ConvertError(f"{src.path}: no such file or folder", EXIT_BEFORE)

@@ -8,7 +8,7 @@ The one-call API (see `nfb.api`): `nfb.feedback`, `nfb.score`, `nfb.judge`, `nfb
 import sys
 import types
 
-__version__ = "0.3.0.dev0"
+from nfb._version import __version__  # noqa: F401
 
 _API = ("feedback", "score", "judge", "filter", "stats", "merge", "convert", "pairs", "evaluate",
         "report")

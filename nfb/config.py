@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import orjson
 
-from nfb import __version__
+from nfb._version import __version__
 from nfb.errors import (
     ConfigError,  # noqa: F401  (re-exported: the first release's name)
     UsageError,

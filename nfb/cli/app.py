@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from nfb import __version__
+from nfb._version import __version__
 from nfb.errors import EXIT_INTERRUPTED, Interrupted, NfbError
 from nfb.logs import verbose
 

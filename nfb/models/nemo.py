@@ -1144,7 +1144,7 @@ def _write_config(out: Path, a: _Arch, tok, vocab: int, attributes: list[str],
                   bias: list[float], recipe: str, dtype: str, src: Path) -> None:
     from transformers import LlamaConfig
 
-    from nfb import __version__
+    from nfb._version import __version__
 
     id2label = dict(enumerate(attributes))
     config = LlamaConfig(

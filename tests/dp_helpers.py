@@ -24,18 +24,11 @@ def _index() -> int:
 
 
 def stub(cfg, runner):
-    from stub_engine import StubEngine
+    from stub_engine import StubEngine, slowed
 
     engine = StubEngine(cfg, runner)
     if os.environ.get("NFB_TEST_SLOW_REPLICA") == str(_index()):
-        delay = float(os.environ.get("NFB_TEST_ROW_SLEEP", "0.05"))
-        stream = engine._stream
-
-        def slow(requests, can_feed):
-            for item in stream(requests, can_feed):
-                time.sleep(delay)
-                yield item
-        engine._stream = slow
+        slowed(engine, float(os.environ.get("NFB_TEST_ROW_SLEEP", "0.05")))
     return engine
 
 

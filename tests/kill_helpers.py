@@ -68,7 +68,7 @@ def write_sitecustomize(directory) -> str:
 
 
 def slow_stub(cfg, runner):
-    from stub_engine import StubEngine
+    from stub_engine import StubEngine, slowed
 
     mark = os.environ.get("NFB_TEST_MARK")
     if mark:
@@ -81,15 +81,7 @@ def slow_stub(cfg, runner):
         time.sleep(0.05)
     engine = StubEngine(cfg, runner)
     row_sleep = float(os.environ.get("NFB_TEST_ROW_SLEEP", "0"))
-    if row_sleep > 0:
-        stream = engine._stream
-
-        def slow(requests, can_feed):
-            for item in stream(requests, can_feed):
-                time.sleep(row_sleep)
-                yield item
-        engine._stream = slow
-    return engine
+    return slowed(engine, row_sleep) if row_sleep > 0 else engine
 
 
 def no_engine(cfg, runner):

@@ -98,3 +98,17 @@ class StubEngine:
 
     def close(self) -> None:
         self.closed = True
+
+
+def slowed(engine: StubEngine, delay: float) -> StubEngine:
+    """`engine` with each answer delayed by `delay` seconds (a slow engine or replica)."""
+    import time
+
+    stream = engine._stream
+
+    def slow(requests, can_feed):
+        for item in stream(requests, can_feed):
+            time.sleep(delay)
+            yield item
+    engine._stream = slow
+    return engine

@@ -317,6 +317,24 @@ def _replica_roots(pid):
     return out
 
 
+def _engine_cores(root) -> list:
+    """A replica's vLLM processes (its EngineCore and workers), not its guardian or
+    multiprocessing's resource tracker: the engine itself."""
+    out = []
+    try:
+        kids = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    for k in kids:
+        try:
+            line = " ".join(k.cmdline()) or k.name()
+        except psutil.Error:
+            continue
+        if "VLLM::" in line or ("multiprocessing" in line and "resource_tracker" not in line):
+            out.append(k)
+    return out
+
+
 def _alive(p) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
@@ -354,15 +372,19 @@ def test_dp2_faults_kill_nfb_kill_a_replica_restart(cli, models, tmp_path):
 
     # 2) one replica's engine killed, no restarts: the run stops
     p = start(src, out, models["causal"], "-dp", "2")
-    wait_for(lambda: len(parts(out)) >= n1 + 1, p)
-    root = _replica_roots(p.pid)[1]
-    for k in root.children(recursive=True):
-        if "nfb.engines.guard" not in " ".join(k.cmdline()):
+    wait_for(lambda: len(parts(out)) >= n1 + 1 and all(
+        _engine_cores(r) for r in _replica_roots(p.pid)), p)
+    killed = []
+    for k in _engine_cores(_replica_roots(p.pid)[1]):   # its EngineCore and workers
+        try:
+            killed.append(f"{k.pid} {k.name()}")
             k.kill()
+        except psutil.NoSuchProcess:
+            pass
     t0 = time.monotonic()
     _, err = p.communicate(timeout=90)
     err = err.decode()
-    assert p.returncode == 1, err[-2000:]
+    assert p.returncode == 1, f"killed {killed}\n" + err[-2000:]
     assert time.monotonic() - t0 < 30
     line = " ".join(err.split())
     assert re.search(r"error: replica \d of 2 died: the vLLM engine process \(pid \d+\) was "

@@ -36,8 +36,8 @@ def one(engine, src: Path, out: Path) -> tuple[float, list]:
 
     from nfb.api import for_fields
     from nfb.config import EngineConfig, RunConfig
-    from nfb.pipeline import run
     from nfb.records import FieldMap
+    from nfb.run.pipeline import run
     from nfb.tasks.reward import PRESETS, STEERLM_ATTRIBUTES, ScoreTask
 
     cfg = RunConfig(inputs=(str(src),), output=str(out), overwrite=True,

@@ -20,16 +20,16 @@ from dataclasses import replace
 
 from nfb.config import EngineConfig, RunConfig, SamplingConfig, Shard
 from nfb.errors import UsageError
-from nfb.filters import filter_rows as filter  # noqa: A001,F401
 from nfb.io.storage import is_url
-from nfb.merge import merge  # noqa: F401
-from nfb.pipeline import Progress, RunResult, run
-from nfb.stats import stats  # noqa: F401
+from nfb.run.pipeline import Progress, RunResult, run
 from nfb.tasks.feedback import CONSTRAINED_REGEX, DEFAULT_MODEL, FeedbackTask
 from nfb.tasks.judge import DEFAULT_MODEL as JUDGE_MODEL
 from nfb.tasks.judge import MAX_TOKENS as JUDGE_MAX_TOKENS
 from nfb.tasks.judge import TEMPERATURE as JUDGE_TEMPERATURE
 from nfb.tasks.judge import TOP_P as JUDGE_TOP_P
+from nfb.verbs.filters import filter_rows as filter  # noqa: A001,F401
+from nfb.verbs.merge import merge  # noqa: F401
+from nfb.verbs.stats import stats  # noqa: F401
 
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 
@@ -41,11 +41,11 @@ def _inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str
 
 
 def _resolve_model(model: str, log: Callable[[str], None]) -> str:
-    from nfb.modelinfo import check_model_path
+    from nfb.models.modelinfo import check_model_path
 
     model = str(model)
     if model == "demo":
-        from nfb.demo import prepare_demo
+        from nfb.models.demo import prepare_demo
         return str(prepare_demo(log=log))
     check_model_path(model)
     return os.path.expanduser(model)
@@ -86,8 +86,8 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
         raise UsageError("--gpu-memory-utilization must be in (0, 1]")
     if stall_timeout <= 0:
         raise UsageError("--stall-timeout must be above 0 seconds")
-    from nfb.fit import POLICIES
     from nfb.io.jsonl import MAX_LINE_BYTES
+    from nfb.run.fit import POLICIES
     if too_long not in POLICIES:
         raise UsageError(f"--too-long {too_long!r}: use {', '.join(POLICIES)}")
     max_line_bytes = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
@@ -126,7 +126,7 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
 def check_run_output(output: str, files: list[str]) -> None:
     """The output is never an input, and no input lives in the output's work directory."""
     from nfb.io.outputs import check_not_input, inside
-    from nfb.workdir import workdir_for
+    from nfb.run.workdir import workdir_for
 
     check_not_input(output, files)
     if output != "-":
@@ -177,7 +177,7 @@ def for_fields(task, cfg: RunConfig):
 
 def _check_context(cfg: RunConfig, max_tokens: int) -> None:
     """--max-tokens must leave room for a prompt (from the config, before loading)."""
-    from nfb.modelinfo import read_model_info
+    from nfb.models.modelinfo import read_model_info
 
     if not os.path.isdir(cfg.engine.model):
         return  # a hub id: checked once the engine has the config
@@ -249,17 +249,17 @@ def feedback(
 
 def _go(cfg: RunConfig, task, dry_run: bool, card: bool, progress: Progress | None,
         log: Callable[[str], None]):
-    """Run the task (or, with dry_run, plan it: `nfb.dryrun.DryRunResult`, no engine);
+    """Run the task (or, with dry_run, plan it: `nfb.run.dryrun.DryRunResult`, no engine);
     with card, write the dataset card beside the finished output."""
     if dry_run:
-        from nfb.dryrun import dry_run as plan
+        from nfb.run.dryrun import dry_run as plan
         return plan(cfg, task, log=log)
     if card:
-        from nfb.card import check_card
+        from nfb.verbs.card import check_card
         check_card(cfg.output)
     result = run(cfg, task, progress=progress, log=log)
     if card:
-        from nfb.card import write_card
+        from nfb.verbs.card import write_card
         result.card = write_card(cfg.output)
         log(f"dataset card: {result.card}")
     return result
@@ -268,7 +268,7 @@ def _go(cfg: RunConfig, task, dry_run: bool, card: bool, progress: Progress | No
 def _recipe(verb: str, name: str, model_dir: str, recipe: str | None,
             log: Callable[[str], None]):
     """The model's recipe for `nfb VERB` (recorded in the provenance), or None."""
-    from nfb.tasks.build import resolve_recipe
+    from nfb.run.setup import resolve_recipe
 
     found, how = resolve_recipe(model_dir if os.path.isdir(model_dir) else name, recipe, verb)
     if found is not None:
@@ -362,7 +362,7 @@ def _judge_principle(cfg: RunConfig, found, *, principle, principle_field, names
                      votes, temperature, top_p, max_tokens, seed, engine, dry_run, card,
                      progress, log):
     """`nfb judge` with the Principle GenRM: checks before loading, then the run."""
-    from nfb.modelinfo import read_tokenizer
+    from nfb.models.modelinfo import read_tokenizer
     from nfb.tasks.principle import (
         GENRM_MAX_TOKENS,
         GENRM_TEMPERATURE,
@@ -415,7 +415,7 @@ def _check_judge_template(model: str, revision: str | None, trust_remote_code: b
     """Before loading, for a local model: its chat template must render the response roles
     (a GenRM's does; another model's drops them or fails, which would judge nothing). A hub
     id's template is checked once the engine has its tokenizer (JudgeTask.check_tokenizer)."""
-    from nfb.modelinfo import read_tokenizer
+    from nfb.models.modelinfo import read_tokenizer
     from nfb.tasks.judge import check_template
 
     tok = read_tokenizer(model, revision, trust_remote_code) if os.path.isdir(model) else None
@@ -430,7 +430,7 @@ def _card_context(cfg: RunConfig, limit: int | None, log: Callable[[str], None])
     """A local model whose config.json states no context length runs with its card's (the
     recipe's context_limit) unless --max-model-len is given: transformers would otherwise fill
     in its class default (2,048 for Llama), which would refuse rows the card allows."""
-    from nfb.modelinfo import config_context
+    from nfb.models.modelinfo import config_context
 
     model = cfg.engine.model
     if not limit or cfg.engine.max_model_len or not os.path.isdir(model) \
@@ -464,7 +464,7 @@ def score(
 ) -> RunResult:
     """Score each conversation with a reward model: one float column per head (attribute)
     and `reward`, their weighted sum (a scalar model's output is `reward` itself)."""
-    from nfb.tasks.build import score_task
+    from nfb.run.setup import score_task
 
     log = log or (lambda _m: None)
     if isinstance(attributes, str):
@@ -507,13 +507,13 @@ def score(
 def __getattr__(name: str):
     """The verbs that need more than pyarrow load on first use."""
     if name == "pairs":
-        from nfb.pairs import pairs
+        from nfb.verbs.pairs import pairs
         return pairs
     if name == "evaluate":
-        from nfb.evaluate import evaluate
+        from nfb.verbs.evaluate import evaluate
         return evaluate
     if name == "report":
-        from nfb.report import report
+        from nfb.verbs.report import report
         return report
     if name == "convert":
         from nfb.models.nemo import convert_nemo

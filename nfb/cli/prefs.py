@@ -56,8 +56,8 @@ def pairs(
     """Chosen/rejected pairs for DPO (TRL's prompt, chosen, rejected, plus both scores and
     the margin), made within each prompt: rewards compare only between responses to the same
     prompt. Ties and null scores never make a pair; the summary counts them."""
-    from nfb.pairs import pairs as run_pairs
-    from nfb.pairs import summary_lines
+    from nfb.verbs.pairs import pairs as run_pairs
+    from nfb.verbs.pairs import summary_lines
 
     _refuse_existing(output, overwrite)
     res = run_pairs(inputs, output, group_by=group_by, min_margin=min_margin,
@@ -102,7 +102,7 @@ def eval_cmd(
     import orjson
     from rich.console import Console
 
-    from nfb.evaluate import evaluate, print_eval
+    from nfb.verbs.evaluate import evaluate, print_eval
 
     d = evaluate(inputs, human=human or [], pair=pair or [], human_level=human_level,
                  chosen=chosen, rejected=rejected, subset=subset, score=score, prefix=prefix,
@@ -128,7 +128,7 @@ def report(
     """One self-contained HTML page of plots (opens with no network): distributions of the
     reward and attributes, level histogram, reward against length, attribute correlations,
     errors by reason, provenance."""
-    from nfb.report import report as run_report
+    from nfb.verbs.report import report as run_report
 
     _refuse_existing(output, overwrite)
     path = run_report(inputs, output, prefix=prefix, title=title)

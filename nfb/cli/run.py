@@ -124,7 +124,7 @@ Output = Annotated[str, typer.Option(
 
 def _run(call, task: str, options: dict) -> None:
     """Call the library with a progress bar; print the summary; --strict's exit code."""
-    from nfb.progress import RichProgress, print_summary
+    from nfb.cli.progress import RichProgress, print_summary
 
     quiet, strict = options.pop("quiet"), options.pop("strict")
     as_json = options.pop("json")
@@ -133,7 +133,7 @@ def _run(call, task: str, options: dict) -> None:
         raise UsageError("--json goes with --dry-run (for a finished run: nfb stats --json)")
     log = (lambda _m: None) if quiet or as_json else (lambda m: err.print(m, soft_wrap=True))
     if options.get("dry_run"):
-        from nfb.progress import print_plan
+        from nfb.cli.progress import print_plan
         plan = call(**options, log=log)
         print_plan(plan, as_json)
         return

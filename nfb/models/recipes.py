@@ -203,7 +203,7 @@ def find_recipe(model: str, recipe: str | None = None) -> tuple[Recipe | None, s
     if not os.path.isdir(path):
         r = by_name(model) if model.count("/") == 1 else None
         return (r, "hub id") if r else (None, "")
-    from nfb.modelinfo import read_config_json
+    from nfb.models.modelinfo import read_config_json
 
     cfg = read_config_json(path)
     nfb_key = cfg.get("nfb") if isinstance(cfg.get("nfb"), dict) else {}

@@ -1,6 +1,6 @@
 """What a task is to the pipeline. A task builds what the model sees and parses what comes
 back; it never touches an engine (the pipeline drives it) or a data file. Building a task
-(`nfb.tasks.build`) reads the model's config and tokenizer once; the task itself is pure."""
+(`nfb.run.setup`) reads the model's config and tokenizer once; the task itself is pure."""
 
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 
 from nfb.errors import MergeError  # noqa: E402
 from nfb.io.arrow import conform, unify_schemas
-from nfb.io.scored import iter_tables, metadata, schema_names, unified_schema
 from nfb.io.writers import OutputWriter
+from nfb.verbs.scored import iter_tables, metadata, schema_names, unified_schema
 
 
 def check_shards(files: list[str]) -> tuple[dict, str]:
@@ -110,8 +110,8 @@ def merge_outputs(files: list[str], output: str) -> int:
 
 def merge(inputs: list[str] | str, output: str) -> tuple[int, int]:
     """`nfb merge` as one call: join shard outputs into `output`. Returns (files, rows)."""
-    from nfb.io.scored import scored_files
     from nfb.io.writers import output_format
+    from nfb.verbs.scored import scored_files
 
     output = __import__("os").fspath(output)
     try:
@@ -122,7 +122,7 @@ def merge(inputs: list[str] | str, output: str) -> tuple[int, int]:
 
     files = scored_files(_paths(inputs), exclude=output)
     from nfb.io.readers import input_format
-    from nfb.io.scored import _parquet
+    from nfb.verbs.scored import _parquet
 
     for f in files:   # a 0-byte or damaged file: InputError (exit 1), before any check
         if input_format(f) == "parquet":

@@ -61,7 +61,7 @@ def score_task(model: str, *, revision: str | None, trust_remote_code: bool,
                principle: list[str] | None = None, principle_field: str | None = None,
                log: Callable[[str], None] | None = None):
     """The task for `model` and the vLLM hf_overrides it needs (or None)."""
-    from nfb.modelinfo import read_model_info, read_nfb_key, token_classifier_overrides
+    from nfb.models.modelinfo import read_model_info, read_nfb_key, token_classifier_overrides
 
     log = log or (lambda _m: None)
     if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
@@ -193,7 +193,7 @@ def _generic_note(model: str, converted: dict, given_format: str | None, fmt: st
 
 def _principle_task(model, found, *, revision, trust_remote_code, weights, attributes,
                     principle, principle_field, log=lambda _m: None):
-    from nfb.modelinfo import read_model_info, token_classifier_overrides
+    from nfb.models.modelinfo import read_model_info, token_classifier_overrides
     from nfb.models.recipes import PRINCIPLE_QUESTION
     from nfb.tasks.principle import PrincipleTask, principle_columns
 
@@ -233,7 +233,7 @@ def _note_generation_config(model: str, found, log: Callable[[str], None]) -> No
     generation_config that samples would divide them by its temperature and set tokens outside
     its top-k/top-p to -inf (for the card's token 0, nearly always -inf: no reward), so nfb keeps
     the raw logits and says so."""
-    from nfb.modelinfo import read_generation_config, sampling_processors
+    from nfb.models.modelinfo import read_generation_config, sampling_processors
 
     if not os.path.isdir(os.path.expanduser(model)):
         return   # a hub id: its generation_config is not read before the engine loads
@@ -247,7 +247,7 @@ def _note_generation_config(model: str, found, log: Callable[[str], None]) -> No
 def _check_tokens(model, found, revision, trust_remote_code) -> None:
     """Each token the recipe reads must be one token of the model's vocabulary; on the card's
     own tokenizer (Llama 3's), at the very id the card hard-codes."""
-    from nfb.modelinfo import read_tokenizer
+    from nfb.models.modelinfo import read_tokenizer
     from nfb.models.recipes import is_llama3_tokenizer
 
     tok = read_tokenizer(model, revision, trust_remote_code)

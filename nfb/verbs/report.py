@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nfb.errors import InputError, UsageError
-from nfb.evaluate import pearson, spearman
-from nfb.pairs import columns_of, detect_shape, is_number, is_number_list, resolve
 from nfb.tasks.feedback import LABELS
+from nfb.verbs.evaluate import pearson, spearman
+from nfb.verbs.pairs import columns_of, detect_shape, is_number, is_number_list, resolve
 
 MAX_POINTS = 3000       # points drawn per scatter (a fixed-seed sample); statistics use all
 MAX_MATRIX = 16         # columns in the correlation matrix
@@ -266,7 +266,7 @@ def _score_columns(schema: pa.Schema, meta: dict, prefix: str) -> list[str]:
 
 def collect(files: list[str], prefix: str = "") -> dict:
     """Everything the page shows, read in one streamed pass over the files."""
-    from nfb.io.scored import iter_tables, metadata
+    from nfb.verbs.scored import iter_tables, metadata
 
     schema = columns_of(files)
     names = schema.names

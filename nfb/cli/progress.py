@@ -18,7 +18,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from nfb.pipeline import RunResult
+from nfb.run.pipeline import RunResult
 
 
 class RateColumn(ProgressColumn):

@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nfb.errors import UsageError
-from nfb.pairs import SCORE_AUTO, columns_of, is_number, load, resolve
 from nfb.tasks.feedback import LEVELS
+from nfb.verbs.pairs import SCORE_AUTO, columns_of, is_number, load, resolve
 
 Stat = Callable[[np.ndarray, np.ndarray], float]
 

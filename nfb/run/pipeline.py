@@ -31,15 +31,15 @@ import pyarrow.parquet as pq
 from nfb.config import RunConfig, provenance, what_changed
 from nfb.engines.base import Engine
 from nfb.errors import EngineDied, UsageError
-from nfb.fit import Fitter, prompt_chars
 from nfb.io.outputs import OutputLock, clean_stale_temps, write_error
 from nfb.io.readers import STDIN, Chunk, count_rows, input_columns, input_schema, read_chunks
 from nfb.io.storage import is_url
 from nfb.io.writers import STDOUT, OutputWriter, PartWriter, merge_tables, read_metadata
 from nfb.prompts import render
 from nfb.records import to_conversation
+from nfb.run.fit import Fitter, prompt_chars
+from nfb.run.workdir import ResumeError, WorkDir
 from nfb.tasks.base import Task
-from nfb.workdir import ResumeError, WorkDir
 
 ROW, ERROR, TRUNCATED = "nfb_row", "nfb_error", "nfb_truncated"
 
@@ -872,7 +872,7 @@ def _finalize(cfg: RunConfig, task: Task, wd: WorkDir, meta: dict, result: RunRe
             yield t.take(pc.sort_indices(t, [(row_col, "ascending")]))
 
     def by_row() -> Iterator[pa.Table]:
-        from nfb.merge import _kway
+        from nfb.verbs.merge import _kway
 
         last = -1
         for t in _kway([sorted_tables(p, r) for p, r in part_rows], row_col):

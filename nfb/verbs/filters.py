@@ -1,7 +1,7 @@
 """`nfb filter`: keep rows of scored files with a SQL condition; best-of-n, top-k, rank within
 a group. One DuckDB query over the inputs, streamed into nfb's writer.
 
-Every option compiles to one query over the view `scored` (see nfb.io.scored):
+Every option compiles to one query over the view `scored` (see nfb.verbs.scored):
 
     --min-level L        "feedback_level" >= L
     --max-level L        "feedback_level" <= L
@@ -38,9 +38,17 @@ import orjson
 
 from nfb.errors import UsageError
 from nfb.io.arrow import conform
-from nfb.io.scored import FILE_COL, ROW_COL, VIEW, ScoredView, is_float_type, is_numeric_type, quote
 from nfb.io.writers import OutputWriter, output_format
 from nfb.tasks.feedback import LEVELS
+from nfb.verbs.scored import (
+    FILE_COL,
+    ROW_COL,
+    VIEW,
+    ScoredView,
+    is_float_type,
+    is_numeric_type,
+    quote,
+)
 
 ConfigError = UsageError
 _WHERE = re.compile(r"\s*([A-Za-z_][\w.\-]*)\s*(>=|<=|==|!=|>|<|=)\s*(\S+)\s*")
@@ -420,7 +428,7 @@ def filter_rows(inputs: list[str] | str, output: str, *, min_level: str | int | 
                 warn: Callable[[str], None] | None = None) -> FilterResult:
     """`nfb filter` as one call: write the kept rows of `inputs` to `output`.
     Returns (rows read, rows kept). `warn` receives advice (default: Python warnings)."""
-    from nfb.io.scored import scored_files
+    from nfb.verbs.scored import scored_files
 
     output = __import__("os").fspath(output)
     try:

@@ -37,7 +37,7 @@ SCORE_AUTO = ("reward", "feedback_level_mean", "feedback_level")
 
 
 def resolve(inputs, exclude: str | None = None) -> list[str]:
-    from nfb.io.scored import scored_files
+    from nfb.verbs.scored import scored_files
 
     if isinstance(inputs, (str, bytes)) or hasattr(inputs, "__fspath__"):
         inputs = [inputs]
@@ -45,7 +45,7 @@ def resolve(inputs, exclude: str | None = None) -> list[str]:
 
 
 def columns_of(files: list[str]) -> pa.Schema:
-    from nfb.io.scored import unified_schema
+    from nfb.verbs.scored import unified_schema
 
     return unified_schema(files)
 
@@ -53,7 +53,7 @@ def columns_of(files: list[str]) -> pa.Schema:
 def load(files: list[str], columns: list[str], schema: pa.Schema) -> pa.Table:
     """The named columns of all files, concatenated in input order, one schema."""
     from nfb.io.arrow import conform
-    from nfb.io.scored import iter_tables
+    from nfb.verbs.scored import iter_tables
 
     want = pa.schema([schema.field(c) for c in dict.fromkeys(columns)])
     parts = [conform(t, want) for f in files for t in iter_tables(f, columns=list(want.names))]
@@ -359,8 +359,8 @@ def pairs(inputs, output: str, *, group_by: str | None = None, min_margin: float
     - `score`: which score to compare ("reward", "helpfulness", "feedback_level", ...); by
       default reward, else the mean level, else the level.
     """
-    from nfb.io.scored import metadata
     from nfb.io.writers import OutputWriter, output_format
+    from nfb.verbs.scored import metadata
 
     if strategy not in STRATEGIES:
         raise UsageError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")

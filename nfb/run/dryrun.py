@@ -23,7 +23,7 @@ import numpy as np
 
 from nfb.config import RunConfig
 from nfb.errors import UsageError
-from nfb.pipeline import Feeder, error_code, prepare
+from nfb.run.pipeline import Feeder, error_code, prepare
 from nfb.tasks.base import Task
 
 # Efficiency assumed for derived rates (model FLOPs utilisation of vLLM in offline batch
@@ -155,8 +155,8 @@ class DryRunResult:
 
 
 def dry_run(cfg: RunConfig, task: Task, log=lambda _m: None) -> DryRunResult:
-    """Plan `task` over the inputs of `cfg` exactly as `nfb.pipeline.run` would feed it."""
-    from nfb.modelinfo import read_config_json, read_model_info, read_tokenizer
+    """Plan `task` over the inputs of `cfg` exactly as `nfb.run.pipeline.run` would feed it."""
+    from nfb.models.modelinfo import read_config_json, read_model_info, read_tokenizer
 
     t0 = time.monotonic()
     prepare(cfg, task)   # the checks a real run makes first (column clashes)

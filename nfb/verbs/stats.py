@@ -13,8 +13,8 @@ import math
 import numpy as np
 
 from nfb.errors import UsageError
-from nfb.io.scored import VIEW, ScoredView, is_float_type, is_numeric_type, quote
 from nfb.tasks.feedback import LABELS
+from nfb.verbs.scored import VIEW, ScoredView, is_float_type, is_numeric_type, quote
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 QNAMES = [f"p{int(p * 100)}" for p in QUANTILES]
@@ -230,7 +230,7 @@ def print_stats(console, s: dict) -> None:
 
 def stats(inputs: list[str] | str, *, prefix: str = "", group_by: str | None = None) -> dict:
     """`nfb stats` as one call: the summary dict that `--json` prints."""
-    from nfb.io.scored import scored_files
+    from nfb.verbs.scored import scored_files
 
     files = scored_files(_paths(inputs))
     return compute_stats(files, prefix, group_by)

@@ -46,7 +46,7 @@ def pre_engine(src: Path, tok, workers: int | None) -> tuple[float, float]:
     """nfb's Feeder alone: rows/s and tokens/s from JSONL to token ids."""
     import numpy as np
 
-    from nfb.run.pipeline import Feeder
+    from nfb.run.feed import Feeder
 
     t0 = time.perf_counter()
     feeder = Feeder(_cfg(src, src.with_suffix(".x.parquet")), feedback_task(), tok,

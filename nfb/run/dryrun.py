@@ -23,7 +23,9 @@ import numpy as np
 
 from nfb.config import RunConfig
 from nfb.errors import UsageError
-from nfb.run.pipeline import Feeder, error_code, prepare
+from nfb.run.collect import error_code
+from nfb.run.feed import Feeder
+from nfb.run.pipeline import prepare
 from nfb.tasks.base import Task
 
 # Efficiency assumed for derived rates (model FLOPs utilisation of vLLM in offline batch

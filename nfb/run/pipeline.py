@@ -11,77 +11,33 @@ chunks are added while earlier ones are still generating.
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from nfb.config import RunConfig, provenance, what_changed
 from nfb.engines.base import Engine
-from nfb.errors import EngineDied, UsageError
+from nfb.errors import EngineDied, Interrupted, RunError, UsageError
+from nfb.io.kway import parts_by_row
 from nfb.io.outputs import OutputLock, clean_stale_temps, write_error
-from nfb.io.readers import STDIN, Chunk, count_rows, input_columns, input_schema, read_chunks
+from nfb.io.readers import STDIN, count_rows, input_columns, input_schema
 from nfb.io.storage import is_url
-from nfb.io.writers import STDOUT, OutputWriter, PartWriter, merge_tables, read_metadata
-from nfb.prompts import render
+from nfb.io.writers import STDOUT, PartWriter, StdoutWriter, merge_tables, read_metadata
 from nfb.records import to_conversation
-from nfb.run.fit import Fitter, prompt_chars
+from nfb.run.collect import ERROR, ROW, TRUNCATED, Collector, RunResult, _tally_levels, error_code
+from nfb.run.feed import Feeder, _requests
 from nfb.run.workdir import ResumeError, WorkDir
 from nfb.tasks.base import Task
-
-ROW, ERROR, TRUNCATED = "nfb_row", "nfb_error", "nfb_truncated"
-
-
-from nfb.errors import Interrupted, RunError  # noqa: E402,F401
-
-
-@dataclass
-class RunResult:
-    output: str
-    rows: int = 0                     # rows in the output
-    new_rows: int = 0                 # rows processed by this invocation
-    resumed_rows: int = 0             # rows found done in the work directory
-    errors: Counter = field(default_factory=Counter)   # error code -> rows
-    levels: Counter = field(default_factory=Counter)   # feedback level -> rows
-    unreadable: int = 0               # judge: rows with no readable judgement (judge_error)
-    truncated: int | None = None      # rows shortened by --too-long (None: the policy is error)
-    # rows whose input the task changed on purpose, by note code (e.g. SteerLM's
-    # system_turn_left_out): the task's `row_notes`, counted once per row written
-    notes: Counter = field(default_factory=Counter)
-    seconds: float = 0.0              # wall time of this invocation
-    load_seconds: float = 0.0         # of which: starting the engine (loading the model)
-    already_done: bool = False
-    card: str | None = None           # the dataset card written beside the output (--card)
-    data_parallel: int = 1            # engine replicas that ran (-dp)
-
-    @property
-    def error_rows(self) -> int:
-        return sum(self.errors.values())
-
-    def summary(self) -> dict:
-        return {"rows": self.rows, "error_rows": self.error_rows,
-                "errors": dict(self.errors.most_common()),
-                "levels": {str(k): v for k, v in sorted(self.levels.items())},
-                "unreadable": self.unreadable, "notes": dict(self.notes.most_common()),
-                "data_parallel": self.data_parallel} | (
-                    {} if self.truncated is None else {"truncated": self.truncated})
-
-
-def error_code(reason: str) -> str:
-    return reason.split(":", 1)[0]
-
 
 # --- column names ---------------------------------------------------------------------------
 
@@ -109,125 +65,6 @@ def selected_total(total: int | None, cfg: RunConfig) -> int | None:
         i, n = cfg.shard.index, cfg.shard.count
         total = total // n + (1 if i < total % n else 0)
     return total
-
-
-# --- the ordered collector ------------------------------------------------------------------
-
-class _Pending:
-    """One chunk of rows on its way through the engine."""
-
-    __slots__ = ("table", "rows", "errors", "values", "outputs", "remaining", "truncated",
-                 "notes")
-
-    def __init__(self, table: pa.Table, rows: np.ndarray):
-        self.table = table
-        self.rows = rows
-        self.truncated: dict[int, int] = {}        # row in chunk -> prompt tokens removed
-        self.errors: list[str | None] = [None] * len(rows)
-        self.values: list[dict | None] = [None] * len(rows)
-        self.outputs: list[list | None] = [None] * len(rows)   # per row: one per request
-        self.remaining = len(rows)
-        self.notes: dict[int, tuple[str, ...]] = {}            # row in chunk -> note codes
-
-
-class Collector:
-    """Holds chunks until all their rows are finished, then emits them in input order."""
-
-    def __init__(self, task: Task, prefix: str, emit: Callable[[pa.Table], None],
-                 result: RunResult, truncated_column: bool = False,
-                 note: Callable[[str], None] | None = None):
-        self.task = task
-        self.note = note or (lambda _m: None)   # says each note code once, when first counted
-        self.prefix = prefix
-        self.truncated_column = truncated_column
-        self.schema = task.schema("")
-        self.emit = emit
-        self.result = result
-        self.queue: deque[_Pending] = deque()
-        self.held = 0
-        self.emitted: list[np.ndarray] = []     # row numbers written so far
-        self._empty = task.empty_values()
-
-    def add(self, p: _Pending) -> None:
-        self.queue.append(p)
-        self.held += len(p.rows)
-        self.drain()
-
-    def fail(self, p: _Pending, i: int, reason: str) -> None:
-        p.errors[i] = reason
-        p.values[i] = self._empty
-        p.outputs[i] = None
-        p.remaining -= 1
-
-    def expect(self, p: _Pending, i: int, requests: int) -> None:
-        p.outputs[i] = [None] * requests
-
-    def output(self, key: tuple[_Pending, int, int], value) -> None:
-        """One request's output; the row resolves when all its requests are back."""
-        p, i, k = key
-        outs = p.outputs[i]
-        outs[k] = value
-        if all(o is not None for o in outs):
-            p.outputs[i] = None
-            self.resolve(p, i, self.task.parse(outs))
-
-    def resolve(self, p: _Pending, i: int, values: dict) -> None:
-        p.values[i] = values
-        p.remaining -= 1
-        if p.remaining == 0 and self.queue and self.queue[0] is p:
-            self.drain()
-
-    def drain(self) -> None:
-        while self.queue and self.queue[0].remaining == 0:
-            p = self.queue.popleft()
-            self.held -= len(p.rows)
-            self.emit(self._table(p))
-
-    def _table(self, p: _Pending) -> pa.Table:
-        t = p.table
-        pre = self.prefix
-        t = t.append_column(pre + ROW, pa.array(p.rows, type=pa.int64()))
-        t = t.append_column(pre + ERROR, pa.array(p.errors, type=pa.string()))
-        for f in self.schema:
-            t = t.append_column(pre + f.name, pa.array([v[f.name] for v in p.values],
-                                                       type=f.type))
-        if self.truncated_column:
-            cut = [None if p.errors[i] is not None else p.truncated.get(i)
-                   for i in range(len(p.rows))]
-            t = t.append_column(pre + TRUNCATED, pa.array(cut, type=pa.int64()))
-            self.result.truncated = (self.result.truncated or 0) + sum(c is not None
-                                                                       for c in cut)
-        self.result.new_rows += len(p.rows)
-        self.emitted.append(p.rows)
-        for e in p.errors:   # counted when written, so a restart never counts a row twice
-            if e is not None:
-                self.result.errors[error_code(e)] += 1
-        for j, codes in p.notes.items():
-            if p.errors[j] is None:
-                for code in codes:
-                    if not self.result.notes[code]:
-                        self.note(note_text(self.task, code))
-                    self.result.notes[code] += 1
-        for v in p.values:
-            for key, value in v.items():
-                if key == "judge_error" and value is not None:
-                    self.result.unreadable += 1
-                elif key.endswith("feedback_level"):
-                    _tally_levels(self.result.levels, value)
-        return t
-
-
-def note_text(task: Task, code: str) -> str:
-    """The one line that names a note code (the task's `note_texts`, else the code)."""
-    return f"note: {getattr(task, 'note_texts', {}).get(code, code)}"
-
-
-def _tally_levels(levels: Counter, value) -> None:
-    """Count a feedback level, or each level of a list column (one per response)."""
-    if isinstance(value, list):
-        levels.update(x for x in value if x is not None)
-    elif value is not None:
-        levels[value] += 1
 
 
 # --- signals --------------------------------------------------------------------------------
@@ -490,7 +327,7 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
         out_writer = None
     else:
         sink = None
-        out_writer = _StdoutWriter()
+        out_writer = StdoutWriter()
         emit = out_writer.write
 
     def emit_and_report(table: pa.Table) -> None:
@@ -627,215 +464,6 @@ def _stream_rows(cfg: RunConfig, task: Task, engine: Engine, collector: Collecto
         feeder.close()
 
 
-@dataclass
-class _Prepared:
-    """A chunk read, validated and rendered to token ids, ready for the engine."""
-
-    pending: _Pending
-    failed: list[tuple[int, str]]                       # (row in chunk, reason)
-    requests: list[tuple[int, list[list[int]]]]         # (row in chunk, ids per request)
-    truncated: dict[int, int] = field(default_factory=dict)   # row in chunk -> tokens removed
-
-
-class Feeder:
-    """Reads, validates and tokenizes chunks ahead of the engine, in worker threads.
-
-    Rendering (chat template) and tokenization are the main cost per row before the engine;
-    a reader thread pulls chunks and hands each to a pool of workers (the Rust tokenizer
-    releases the GIL), so stepping the engine never waits on them. Chunks come out in input
-    order; memory is bounded by `ahead` chunks.
-    """
-
-    def __init__(self, cfg: RunConfig, task: Task, tokenizer, done: np.ndarray, budget: int,
-                 workers: int | None = None, ahead: int | None = None):
-        import queue
-        import threading
-
-        self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
-        self.done, self.budget = done, budget
-        self.fit = Fitter(tokenizer, budget, cfg.too_long)
-        self.workers = workers or max(1, min(4, (os.cpu_count() or 1)))
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nfb-tokenize")
-        self._queue: queue.Queue = queue.Queue(maxsize=ahead or 2 * self.workers + 2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, name="nfb-read", daemon=True)
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        import queue
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _read(self) -> None:
-        cfg = self.cfg
-        try:
-            for chunk in read_chunks(list(cfg.inputs), cfg.batch_rows, cfg.max_line_bytes):
-                if cfg.limit is not None and chunk.first_row >= cfg.limit:
-                    break
-                if not self._put(self._pool.submit(self._prepare, chunk)):
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            self._put(e)
-            return
-        self._put(None)
-
-    def __iter__(self) -> Iterator[_Prepared]:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            prepared = item.result()
-            if prepared is not None:
-                yield prepared
-
-    def _prepare(self, chunk: Chunk) -> _Prepared | None:
-        cfg, task = self.cfg, self.task
-        rows = np.arange(chunk.first_row, chunk.first_row + len(chunk), dtype=np.int64)
-        keep = np.ones(len(rows), dtype=bool)
-        if cfg.limit is not None:
-            keep &= rows < cfg.limit
-        if cfg.shard:
-            keep &= rows % cfg.shard.count == cfg.shard.index
-        done = self.done
-        if len(done):
-            in_range = rows < len(done)
-            keep[in_range] &= ~done[rows[in_range]]
-        idx = np.flatnonzero(keep)
-        if len(idx) == 0:
-            return None
-        table = chunk.table if len(idx) == len(rows) else chunk.table.take(pa.array(idx))
-        p = _Pending(table, rows[idx])
-        row_fields = tuple(getattr(task, "row_fields", ()))   # e.g. a per-row principle
-        check_conversation = getattr(task, "check_conversation", None)   # e.g. judge's
-        row_notes = getattr(task, "row_notes", None)      # e.g. SteerLM's left-out system turn
-        dicts = _row_dicts(chunk, idx, cfg.fields.needed + row_fields)
-        failed: list[tuple[int, str]] = []
-        prompts, owners = [], []
-        fit = self.fit
-        convs: dict[int, tuple] = {}    # row in chunk -> (conversation, its prompts' maker)
-        slow: list[tuple[int, int | None]] = []   # rows to shorten: (row, tokens or None)
-        for j, (i, d) in enumerate(zip(idx, dicts)):
-            err = chunk.errors[i]
-            if err is None:
-                conv, err = to_conversation(d, cfg.fields)
-            if err is None and row_fields:
-                err = task.check_row(d)
-            if err is None and check_conversation is not None:
-                err = check_conversation(conv)
-            if err is not None:
-                failed.append((j, err))
-                continue
-            if row_notes is not None:
-                codes = row_notes(conv)
-                if codes:
-                    p.notes[j] = tuple(codes)
-            make = functools.partial(task.prompts, row=d) if row_fields else task.prompts
-            made = make(conv)
-            convs[j] = (conv, make)
-            chars = prompt_chars(made)
-            if fit.over_chars(chars):   # cannot fit whatever the template: never rendered
-                if fit.policy == "error":
-                    failed.append((j, fit.char_reason(chars)))
-                else:
-                    slow.append((j, None))
-                continue
-            for pr in made:
-                prompts.append(pr)
-                owners.append(j)
-        try:
-            ids = render(self.tokenizer, prompts)
-        except Exception:  # noqa: BLE001 - a chat template that refuses some row
-            ids, bad = [], {}
-            for j, pr in zip(owners, prompts):
-                try:
-                    ids.append(render(self.tokenizer, [pr])[0])
-                except Exception as e:  # noqa: BLE001
-                    ids.append(None)
-                    bad.setdefault(j, f"template_error:{' '.join(str(e).split())[:200]}")
-            failed.extend(bad.items())
-            owners = [j for j, t in zip(owners, ids) if j not in bad]
-            ids = [t for t in ids if t is not None]
-        by_row: dict[int, list[list[int]]] = {}
-        for j, toks in zip(owners, ids):
-            by_row.setdefault(j, []).append(toks)
-        requests = []
-        for j, toks in by_row.items():
-            longest = max(len(t) for t in toks)
-            if longest <= self.budget:
-                requests.append((j, toks))
-            elif fit.policy == "error":
-                failed.append((j, fit.token_reason(longest)))
-            else:
-                slow.append((j, longest))
-        truncated: dict[int, int] = {}
-        for j, longest in slow:   # --too-long drop-context / truncate
-            conv, make = convs[j]
-            try:
-                got = fit.shorten(conv, make, longest)
-            except Exception as e:  # noqa: BLE001 - a chat template that refuses the row
-                got = f"template_error:{' '.join(str(e).split())[:200]}"
-            if isinstance(got, str):
-                failed.append((j, got))
-            else:
-                requests.append((j, got[0]))
-                truncated[j] = got[1]
-        return _Prepared(p, failed, requests, truncated)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _requests(feeder: Feeder, collector: Collector, sink: PartWriter | None
-              ) -> Iterator[tuple[tuple[_Pending, int, int], list[int]]]:
-    """Register prepared chunks with the collector and yield their engine requests."""
-    for prep in feeder:
-        p = prep.pending
-        p.truncated = prep.truncated
-        for j, reason in prep.failed:
-            collector.fail(p, j, reason)
-        for j, toks in prep.requests:
-            collector.expect(p, j, len(toks))
-        collector.add(p)
-        if sink is not None:
-            sink.maybe_flush()
-        for j, toks in prep.requests:
-            for k, ids in enumerate(toks):
-                yield (p, j, k), ids
-
-
-def _row_dicts(chunk: Chunk, idx: np.ndarray, needed: tuple[str, ...]) -> list[dict]:
-    if chunk.rows is not None:
-        return [chunk.rows[i] for i in idx]
-    present = [n for n in needed if n in chunk.table.column_names]
-    cols = {n: chunk.table.column(n).take(pa.array(idx)).to_pylist() for n in present}
-    return [{n: cols[n][k] for n in present} for k in range(len(idx))]
-
-
-class _StdoutWriter:
-    """`-o -`: JSONL rows to stdout as soon as they are in order (no checkpoint)."""
-
-    def __init__(self):
-        self._writer: OutputWriter | None = None
-
-    def write(self, table: pa.Table) -> None:
-        if self._writer is None:
-            self._writer = OutputWriter(STDOUT, table.schema, None)
-        self._writer.schema = table.schema  # JSONL: each chunk keeps its own columns
-        self._writer.write(table)
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-
-
 def _finalize(cfg: RunConfig, task: Task, wd: WorkDir, meta: dict, result: RunResult,
               row_col: str) -> int:
     """Merge the parts, in row order, into the output (temporary name, then rename)."""
@@ -846,43 +474,9 @@ def _finalize(cfg: RunConfig, task: Task, wd: WorkDir, meta: dict, result: RunRe
         raise RunError(f"{wd.path}: a checkpoint part cannot be read ({e}); run the same "
                        "command again (damaged parts are dropped and their rows done again)"
                        ) from None
-    parts = [p for p, _ in part_rows]
     rows = [r for _, r in part_rows]
     every = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     meta["summary"] = result.summary() | {"rows": int(len(np.unique(every)))}
-    # parts are usually contiguous runs in row order; when one was lost and its rows done
-    # again, a later part can hold rows from before and after others: merge by row number
-    ordered = all(len(r) == 0 or bool(np.all(np.diff(r) > 0)) for r in rows)
-    last = -1
-    for r in rows:
-        if len(r):
-            ordered = ordered and int(r[0]) > last
-            last = int(r[-1])
-
-    def tables(path: Path) -> Iterator[pa.Table]:
-        pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=16_384):
-            yield pa.Table.from_batches([batch])
-
-    def sorted_tables(path: Path, r: np.ndarray) -> Iterator[pa.Table]:
-        if len(r) and bool(np.all(np.diff(r) > 0)):
-            yield from tables(path)
-        else:
-            t = pq.read_table(path)
-            yield t.take(pc.sort_indices(t, [(row_col, "ascending")]))
-
-    def by_row() -> Iterator[pa.Table]:
-        from nfb.verbs.merge import _kway
-
-        last = -1
-        for t in _kway([sorted_tables(p, r) for p, r in part_rows], row_col):
-            r = t.column(row_col).to_numpy()
-            keep = np.empty(len(r), dtype=bool)   # a row found twice is written once
-            keep[0] = r[0] > last
-            keep[1:] = r[1:] > r[:-1]
-            last = max(last, int(r[-1]))
-            yield t if keep.all() else t.filter(pa.array(keep))
-
     schemas = [s.remove_metadata() for s in schemas]
     if not schemas:  # no row at all: the output still has the input's columns
         schemas = [pa.schema([*input_schema(list(cfg.inputs)),
@@ -891,5 +485,4 @@ def _finalize(cfg: RunConfig, task: Task, wd: WorkDir, meta: dict, result: RunRe
                               *task.schema(cfg.prefix),
                               *([] if cfg.too_long == "error" else
                                 [pa.field(cfg.prefix + TRUNCATED, pa.int64())])])]
-    sources = (tables(p) for p in parts) if ordered else [by_row()]
-    return merge_tables(cfg.output, sources, schemas, meta)
+    return merge_tables(cfg.output, parts_by_row(part_rows, row_col), schemas, meta)

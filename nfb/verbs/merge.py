@@ -9,14 +9,11 @@ unsharded run, so the same command without --shard sees it as complete.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from nfb.errors import MergeError  # noqa: E402
-from nfb.io.arrow import conform, unify_schemas
+from nfb.io.kway import kway
 from nfb.io.writers import OutputWriter
 from nfb.verbs.scored import iter_tables, metadata, schema_names, unified_schema
 
@@ -54,29 +51,6 @@ def check_shards(files: list[str]) -> tuple[dict, str]:
     return first, (first.get("prefix") or "") + "nfb_row"
 
 
-def _kway(sources: list[Iterator[pa.Table]], row_col: str) -> Iterator[pa.Table]:
-    heads: list[pa.Table | None] = [next(s, None) for s in sources]
-    while True:
-        live = [i for i, h in enumerate(heads) if h is not None]
-        if not live:
-            return
-        cutoff = min(heads[i].column(row_col)[-1].as_py() for i in live)
-        taken = []
-        for i in live:
-            t = heads[i]
-            rows = t.column(row_col).to_numpy()
-            k = int(np.searchsorted(rows, cutoff, side="right"))
-            if k:
-                taken.append(t.slice(0, k))
-            rest = t.slice(k)
-            while rest is not None and len(rest) == 0:
-                rest = next(sources[i], None)
-            heads[i] = rest
-        schema = unify_schemas(t.schema for t in taken)
-        merged = pa.concat_tables([conform(t, schema) for t in taken])
-        yield merged.take(pc.sort_indices(merged, [(row_col, "ascending")]))
-
-
 def merge_outputs(files: list[str], output: str) -> int:
     meta, row_col = check_shards(files)
     for f in files:
@@ -98,7 +72,7 @@ def merge_outputs(files: list[str], output: str) -> int:
                                                 "levels": dict(summary["levels"])})
     last = -1
     with OutputWriter(output, unified_schema(files), out_meta) as writer:
-        for t in _kway([iter_tables(f) for f in files], row_col):
+        for t in kway([iter_tables(f) for f in files], row_col):
             rows = t.column(row_col).to_numpy()
             if rows[0] <= last or (len(rows) > 1 and np.any(np.diff(rows) <= 0)):
                 raise MergeError(f"row {int(rows[0])} appears twice or out of order; "

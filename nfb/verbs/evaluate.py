@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from nfb.errors import UsageError
 from nfb.tasks.feedback import LEVELS
-from nfb.verbs.pairs import SCORE_AUTO, columns_of, is_number, load, resolve
+from nfb.verbs.scored import SCORE_AUTO, is_number, load, resolve, unified_schema
 
 Stat = Callable[[np.ndarray, np.ndarray], float]
 
@@ -183,7 +183,7 @@ def evaluate(inputs, *, human: list[str] | str | None = None,
     if not 0 < confidence < 1:
         raise UsageError("--confidence must be between 0 and 1, e.g. 0.95")
     files = resolve(inputs)
-    schema = columns_of(files)
+    schema = unified_schema(files)
     names = schema.names
 
     def need(col: str, what: str) -> str:

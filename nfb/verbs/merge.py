@@ -85,7 +85,7 @@ def merge_outputs(files: list[str], output: str) -> int:
 def merge(inputs: list[str] | str, output: str) -> tuple[int, int]:
     """`nfb merge` as one call: join shard outputs into `output`. Returns (files, rows)."""
     from nfb.io.writers import output_format
-    from nfb.verbs.scored import scored_files
+    from nfb.verbs.scored import resolve
 
     output = __import__("os").fspath(output)
     try:
@@ -94,7 +94,7 @@ def merge(inputs: list[str] | str, output: str) -> tuple[int, int]:
         raise MergeError(str(e)) from None
     from nfb.io.outputs import guarded
 
-    files = scored_files(_paths(inputs), exclude=output)
+    files = resolve(inputs, exclude=output)
     from nfb.io.readers import input_format
     from nfb.verbs.scored import _parquet
 
@@ -103,11 +103,3 @@ def merge(inputs: list[str] | str, output: str) -> tuple[int, int]:
             _parquet(f)
     with guarded(output, files):   # never over an input; one writer; a failed write one line
         return len(files), merge_outputs(files, output)
-
-
-def _paths(inputs) -> list[str]:
-    import os
-
-    if isinstance(inputs, (str, os.PathLike)):
-        return [os.fspath(inputs)]
-    return [os.fspath(i) for i in inputs]

@@ -14,17 +14,22 @@ import numpy as np
 
 from nfb.errors import UsageError
 from nfb.tasks.feedback import LABELS
-from nfb.verbs.scored import VIEW, ScoredView, is_float_type, is_numeric_type, quote
+from nfb.verbs.scored import (
+    VIEW,
+    ScoredView,
+    is_float_type,
+    is_numeric_type,
+    quote,
+    resolve,
+    score_candidates,
+)
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 QNAMES = [f"p{int(p * 100)}" for p in QUANTILES]
 
 
 def _numeric_columns(view: ScoredView, prefix: str) -> list[str]:
-    added = view.meta.get("columns")
-    names = view.names
-    cands = [c for c in added if c in view.types] if added else \
-        [c for c in names if c.startswith(prefix)]
+    cands = score_candidates(view.names, view.meta, prefix)
     skip = {prefix + "nfb_row", prefix + "feedback_level"}
     return [c for c in cands if c not in skip and is_numeric_type(view.types[c])]
 
@@ -230,15 +235,5 @@ def print_stats(console, s: dict) -> None:
 
 def stats(inputs: list[str] | str, *, prefix: str = "", group_by: str | None = None) -> dict:
     """`nfb stats` as one call: the summary dict that `--json` prints."""
-    from nfb.verbs.scored import scored_files
-
-    files = scored_files(_paths(inputs))
+    files = resolve(inputs)
     return compute_stats(files, prefix, group_by)
-
-
-def _paths(inputs) -> list[str]:
-    import os
-
-    if isinstance(inputs, (str, os.PathLike)):
-        return [os.fspath(inputs)]
-    return [os.fspath(i) for i in inputs]

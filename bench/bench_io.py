@@ -85,8 +85,9 @@ def encode_limit(texts: list[str], tok, ids: bool = False) -> tuple[float, float
 
 
 def run_nfb(src: Path, out: Path, tok, task: str = "feedback") -> float:
+    from nfb.models.steerlm import STEERLM_ATTRIBUTES
     from nfb.run.pipeline import run
-    from nfb.tasks.reward import PRESETS, STEERLM_ATTRIBUTES, ScoreTask
+    from nfb.tasks.reward import PRESETS, ScoreTask
 
     t = feedback_task() if task == "feedback" else ScoreTask(
         list(STEERLM_ATTRIBUTES), list(PRESETS["llama3-70b-steerlm"][0]))

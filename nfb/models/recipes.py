@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-from nfb.tasks.reward import STEERLM_ATTRIBUTES
+from nfb.models.steerlm import STEERLM_ATTRIBUTES
 
 HF = "https://huggingface.co/"
 

@@ -13,8 +13,8 @@ import os
 from collections.abc import Callable
 
 from nfb.errors import UsageError
+from nfb.models.steerlm import STEERLM_ATTRIBUTES
 from nfb.tasks.reward import (
-    STEERLM_ATTRIBUTES,
     ScoreTask,
     attribute_names,
     parse_weights,

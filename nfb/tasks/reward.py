@@ -8,12 +8,11 @@ from __future__ import annotations
 import math
 import re
 
+from nfb.models.steerlm import STEERLM_ATTRIBUTES
 from nfb.prompts import Prompt
 
-STEERLM_ATTRIBUTES = (
-    "quality", "toxicity", "humor", "creativity",  # untrained heads in Llama3-70B-SteerLM-RM
-    "helpfulness", "correctness", "coherence", "complexity", "verbosity",  # HelpSteer
-)
+# STEERLM_ATTRIBUTES: quality, toxicity, humor, creativity (untrained heads in
+# Llama3-70B-SteerLM-RM), then HelpSteer's helpfulness .. verbosity
 
 # name -> (weights over STEERLM_ATTRIBUTES, source)
 PRESETS: dict[str, tuple[tuple[float, ...], str]] = {

@@ -504,18 +504,25 @@ def score(
     return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log)
 
 
+_LAZY = {   # name -> (module, attribute): what needs more than pyarrow loads on first use
+    "pairs": ("nfb.verbs.pairs", "pairs"),
+    "evaluate": ("nfb.verbs.evaluate", "evaluate"),
+    "report": ("nfb.verbs.report", "report"),
+    "convert": ("nfb.models.nemo", "convert_nemo"),
+    "prepare_demo": ("nfb.models.demo", "prepare_demo"),      # `nfb demo`, `--model demo`
+    "RECIPES": ("nfb.models.recipes", "RECIPES"),              # the model table (`nfb models`)
+    "recipe_table": ("nfb.models.recipes", "table"),
+    "RECIPE_VERBS": ("nfb.run.setup", "VERBS"),                # recipe task -> nfb command
+    "STATS_QUANTILES": ("nfb.verbs.stats", "QNAMES"),
+    "FEEDBACK_LABELS": ("nfb.tasks.feedback", "LABELS"),    # level -> its word
+}
+
+
 def __getattr__(name: str):
-    """The verbs that need more than pyarrow load on first use."""
-    if name == "pairs":
-        from nfb.verbs.pairs import pairs
-        return pairs
-    if name == "evaluate":
-        from nfb.verbs.evaluate import evaluate
-        return evaluate
-    if name == "report":
-        from nfb.verbs.report import report
-        return report
-    if name == "convert":
-        from nfb.models.nemo import convert_nemo
-        return convert_nemo
+    """The verbs, the model table and the constants the CLI shows, loaded on first use."""
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'nfb.api' has no attribute {name!r}")

@@ -312,22 +312,3 @@ def pairs(inputs, output: str, *, group_by: str | None = None, min_margin: float
     except OSError as e:
         raise InputError(f"{output}: cannot write ({e.strerror or e})") from None
     return res
-
-
-def summary_lines(res: PairsResult) -> list[str]:
-    """The summary `nfb pairs` prints on stderr."""
-    lines = [f"{res.pairs:,} pairs from {res.groups_with_pairs:,} of {res.groups:,} groups "
-             f"({res.rows:,} rows, {res.responses:,} responses, score {res.score}) -> "
-             f"{res.output}"]
-    dropped = [
-        (res.ties, "tied pairs dropped (equal scores)"),
-        (res.below_margin, "pairs below --min-margin dropped"),
-        (res.over_per_group, "pairs beyond --per-group dropped"),
-        (res.null_scores, "responses without a score skipped"
-         + (f" ({res.error_rows:,} error rows)" if res.error_rows else "")),
-        (res.small_groups, "groups with fewer than two scored responses skipped"),
-        (res.null_groups, "responses with a null group key skipped"),
-        (res.misaligned_rows, "rows whose responses and scores lists differ in length skipped"),
-    ]
-    lines += [f"  {n:,} {what}" for n, what in dropped if n]
-    return lines

@@ -497,7 +497,7 @@ def score(
         principle_field=principle_field, log=log)
     if hf_overrides:
         cfg = replace(cfg, engine=replace(cfg.engine, hf_overrides=hf_overrides))
-    cfg = _card_context(cfg, getattr(task, "context_limit", None), log)
+    cfg = _card_context(cfg, task.context_limit, log)
     if getattr(task, "principles", None) is not None:
         # every principle of a row repeats the conversation: cache the shared prefix
         cfg = replace(cfg, engine=replace(cfg.engine, enable_prefix_caching=True))

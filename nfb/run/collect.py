@@ -21,8 +21,10 @@ class RunResult:
     new_rows: int = 0                 # rows processed by this invocation
     resumed_rows: int = 0             # rows found done in the work directory
     errors: Counter = field(default_factory=Counter)   # error code -> rows
-    levels: Counter = field(default_factory=Counter)   # feedback level -> rows
-    unreadable: int = 0               # judge: rows with no readable judgement (judge_error)
+    # the task's tallies (`Task.counts`, `Task.tally`): count name -> value -> rows (a "rows"
+    # count keeps its rows under the value None)
+    counts: dict[str, Counter] = field(default_factory=dict)
+    count_kinds: dict[str, str] = field(default_factory=lambda: dict(Task.counts))
     truncated: int | None = None      # rows shortened by --too-long (None: the policy is error)
     # rows whose input the task changed on purpose, by note code (e.g. SteerLM's
     # system_turn_left_out): the task's `row_notes`, counted once per row written
@@ -37,13 +39,54 @@ class RunResult:
     def error_rows(self) -> int:
         return sum(self.errors.values())
 
+    @property
+    def levels(self) -> Counter:
+        """Feedback level -> rows (the `levels` count)."""
+        return self.counts.setdefault("levels", Counter())
+
+    @property
+    def unreadable(self) -> int:
+        """Rows with no readable judgement (the `unreadable` count)."""
+        return sum(self.counts.get("unreadable", Counter()).values())
+
+    def add(self, tallies) -> None:
+        """Count one row's (count name, value) tallies."""
+        for name, value in tallies:
+            self.counts.setdefault(name, Counter())[value] += 1
+
     def summary(self) -> dict:
+        counts = {}
+        for name, kind in self.count_kinds.items():
+            c = self.counts.get(name, Counter())
+            counts[name] = sum(c.values()) if kind == "rows" else \
+                {str(k): v for k, v in sorted(c.items())}
         return {"rows": self.rows, "error_rows": self.error_rows,
-                "errors": dict(self.errors.most_common()),
-                "levels": {str(k): v for k, v in sorted(self.levels.items())},
-                "unreadable": self.unreadable, "notes": dict(self.notes.most_common()),
+                "errors": dict(self.errors.most_common()), **counts,
+                "notes": dict(self.notes.most_common()),
                 "data_parallel": self.data_parallel} | (
                     {} if self.truncated is None else {"truncated": self.truncated})
+
+    @classmethod
+    def from_summary(cls, output: str, s: dict, count_kinds: dict[str, str],
+                     **kw) -> RunResult:
+        """The result a finished output's summary records."""
+        counts = {}
+        for name, kind in count_kinds.items():
+            if kind == "rows":
+                counts[name] = Counter({None: s[name]} if s.get(name) else {})
+            else:
+                counts[name] = Counter({_value(k): v for k, v in (s.get(name) or {}).items()})
+        return cls(output, rows=s.get("rows", 0), errors=Counter(s.get("errors", {})),
+                   counts=counts, count_kinds=dict(count_kinds), truncated=s.get("truncated"),
+                   notes=Counter(s.get("notes", {})), **kw)
+
+
+def _value(key: str):
+    """A counted value back from the summary's JSON key (levels are numbers)."""
+    try:
+        return int(key)
+    except ValueError:
+        return key
 
 
 def error_code(reason: str) -> str:
@@ -146,23 +189,12 @@ class Collector:
                     if not self.result.notes[code]:
                         self.note(note_text(self.task, code))
                     self.result.notes[code] += 1
-        for v in p.values:
-            for key, value in v.items():
-                if key == "judge_error" and value is not None:
-                    self.result.unreadable += 1
-                elif key.endswith("feedback_level"):
-                    _tally_levels(self.result.levels, value)
+        if self.task.tallied:
+            for v in p.values:
+                self.result.add(self.task.tally(v))
         return t
 
 
 def note_text(task: Task, code: str) -> str:
     """The one line that names a note code (the task's `note_texts`, else the code)."""
-    return f"note: {getattr(task, 'note_texts', {}).get(code, code)}"
-
-
-def _tally_levels(levels: Counter, value) -> None:
-    """Count a feedback level, or each level of a list column (one per response)."""
-    if isinstance(value, list):
-        levels.update(x for x in value if x is not None)
-    elif value is not None:
-        levels[value] += 1
+    return f"note: {task.note_texts.get(code, code)}"

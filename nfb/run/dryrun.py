@@ -177,10 +177,8 @@ def dry_run(cfg: RunConfig, task: Task, log=lambda _m: None) -> DryRunResult:
         raise UsageError(
             f"the model allows {max_len} tokens in all, which leaves no room for a prompt: "
             "lower --max-tokens or raise --max-model-len")
-    check = getattr(task, "check_tokenizer", None)
-    if check is not None:
-        check(tok)
-    sampling = getattr(task, "sampling", None)
+    task.check_tokenizer(tok)
+    sampling = task.sampling
     generate = task.runner == "generate"
     res = DryRunResult(cfg.output, task.name, max_model_len=max_len, prompt_budget=budget,
                        max_tokens=sampling.max_tokens if generate and sampling else 0,

@@ -107,9 +107,8 @@ class Feeder:
             return None
         table = chunk.table if len(idx) == len(rows) else chunk.table.take(pa.array(idx))
         p = _Pending(table, rows[idx])
-        row_fields = tuple(getattr(task, "row_fields", ()))   # e.g. a per-row principle
-        check_conversation = getattr(task, "check_conversation", None)   # e.g. judge's
-        row_notes = getattr(task, "row_notes", None)      # e.g. SteerLM's left-out system turn
+        row_fields = task.row_fields   # e.g. a per-row principle
+        notes = bool(task.note_texts)  # e.g. SteerLM's left-out system turn
         dicts = _row_dicts(chunk, idx, cfg.fields.needed + row_fields)
         failed: list[tuple[int, str]] = []
         prompts, owners = [], []
@@ -122,13 +121,13 @@ class Feeder:
                 conv, err = to_conversation(d, cfg.fields)
             if err is None and row_fields:
                 err = task.check_row(d)
-            if err is None and check_conversation is not None:
-                err = check_conversation(conv)
+            if err is None:
+                err = task.check_conversation(conv)
             if err is not None:
                 failed.append((j, err))
                 continue
-            if row_notes is not None:
-                codes = row_notes(conv)
+            if notes:
+                codes = task.row_notes(conv)
                 if codes:
                     p.notes[j] = tuple(codes)
             make = functools.partial(task.prompts, row=d) if row_fields else task.prompts

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -34,7 +33,7 @@ from nfb.io.readers import STDIN, count_rows, input_columns, input_schema
 from nfb.io.storage import is_url
 from nfb.io.writers import STDOUT, PartWriter, StdoutWriter, merge_tables, read_metadata
 from nfb.records import to_conversation
-from nfb.run.collect import ERROR, ROW, TRUNCATED, Collector, RunResult, _tally_levels, error_code
+from nfb.run.collect import ERROR, ROW, TRUNCATED, Collector, RunResult, error_code
 from nfb.run.feed import Feeder, _requests
 from nfb.run.workdir import ResumeError, WorkDir
 from nfb.tasks.base import Task
@@ -117,10 +116,10 @@ def output_exists(path: str) -> bool:
     return os.path.exists(path)
 
 
-def finished_result(cfg: RunConfig, fp: str, meta_now: dict | None = None
-                    ) -> RunResult | None:
+def finished_result(cfg: RunConfig, fp: str, meta_now: dict | None = None,
+                    counts: dict[str, str] | None = None) -> RunResult | None:
     """The result of an earlier, finished run of the same command, if OUT holds one
-    (`meta_now`: this run's provenance, to say what changed)."""
+    (`meta_now`: this run's provenance, to say what changed; `counts`: the task's)."""
     if cfg.output == STDOUT or cfg.overwrite or not output_exists(cfg.output):
         return None
     wd = WorkDir(cfg.output)
@@ -135,11 +134,8 @@ def finished_result(cfg: RunConfig, fp: str, meta_now: dict | None = None
     if meta and (meta.get("fingerprint") == fp or merged):
         wd.remove()  # killed after the output was complete, while cleaning up: tidy it
         s = meta.get("summary", {})
-        return RunResult(cfg.output, rows=s.get("rows", 0), errors=Counter(s.get("errors", {})),
-                         levels=Counter({int(k): v for k, v in s.get("levels", {}).items()}),
-                         unreadable=s.get("unreadable", 0), truncated=s.get("truncated"),
-                         notes=Counter(s.get("notes", {})),
-                         already_done=True)
+        return RunResult.from_summary(cfg.output, s, counts or Task.counts,
+                                      already_done=True)
     if wd.exists:
         return None  # an unfinished run: its work directory decides
     why = what_changed((meta or {}).get("identity"), (meta_now or {}).get("identity") or {})
@@ -182,10 +178,11 @@ def run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine] | None 
 
 def _run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine], progress: Progress,
          log: Callable[[str], None], fp: str, meta: dict, t0: float) -> RunResult:
-    done_before = finished_result(cfg, fp, meta)
+    done_before = finished_result(cfg, fp, meta, task.counts)
     if done_before is not None:
         return done_before
-    result = RunResult(cfg.output, truncated=None if cfg.too_long == "error" else 0)
+    result = RunResult(cfg.output, truncated=None if cfg.too_long == "error" else 0,
+                       count_kinds=dict(task.counts))
     row_col = cfg.prefix + ROW
     to_stdout = cfg.output == STDOUT
 
@@ -280,29 +277,27 @@ def _in_daemon_thread(fn: Callable[[], int | None]) -> Future:
     return fut
 
 
-def _restore_counts(wd: WorkDir, prefix: str, result: RunResult, cfg: RunConfig | None = None,
-                    task: Task | None = None) -> None:
-    """Error, level and note counts of rows finished by earlier invocations (the summary)."""
-    row_notes = getattr(task, "row_notes", None)
+def _restore_counts(wd: WorkDir, prefix: str, result: RunResult, cfg: RunConfig,
+                    task: Task) -> None:
+    """Error, note and the task's counts of rows finished by earlier invocations (the
+    summary): the task tallies the values it names (`Task.tallied`), read back from the parts."""
     for p in wd.parts():
-        if row_notes is not None and cfg is not None:
-            _restore_notes(p, cfg, row_notes, result)
+        if task.note_texts:   # a task that notes rows says what its notes mean
+            _restore_notes(p, cfg, task.row_notes, result)
         names = pq.read_schema(p).names
-        levels = [n for n in names if n.startswith(prefix) and n.endswith("feedback_level")]
-        judged = [n for n in names if n == prefix + "judge_error"]
+        tallied = [k for k in task.tallied if prefix + k in names]
         cut = [n for n in names if n == prefix + TRUNCATED]
-        t = pq.read_table(p, columns=[prefix + ERROR, *levels, *judged, *cut])
+        t = pq.read_table(p, columns=[prefix + ERROR, *(prefix + k for k in tallied), *cut])
         for name in cut:
             result.truncated = (result.truncated or 0) + t.column(name).length() - \
                 t.column(name).null_count
-        for name in judged:
-            result.unreadable += t.column(name).length() - t.column(name).null_count
         for e in t.column(0).to_pylist():
             if e is not None:
                 result.errors[error_code(e)] += 1
-        for name in levels:   # one column per response field, or a list column
-            for lv in t.column(name).to_pylist():
-                _tally_levels(result.levels, lv)
+        if tallied:
+            columns = [t.column(prefix + k).to_pylist() for k in tallied]
+            for row in zip(*columns):
+                result.add(task.tally(dict(zip(tallied, row))))
 
 
 def _restore_notes(part: Path, cfg: RunConfig, row_notes, result: RunResult) -> None:
@@ -430,9 +425,7 @@ def _stream_rows(cfg: RunConfig, task: Task, engine: Engine, collector: Collecto
         raise UsageError(
             f"the model allows {engine.max_model_len} tokens in all, which leaves no room "
             f"for a prompt: lower --max-tokens or raise --max-model-len")
-    check = getattr(task, "check_tokenizer", None)
-    if check is not None:   # e.g. a GenRM's chat template must render the judged responses
-        check(engine.tokenizer)
+    task.check_tokenizer(engine.tokenizer)   # e.g. a GenRM's template must show the responses
     window = max(1, cfg.engine.max_in_flight)
     max_held = 8 * window + cfg.batch_rows
     feeder = Feeder(cfg, task, engine.tokenizer, done, budget)

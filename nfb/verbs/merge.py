@@ -56,20 +56,10 @@ def merge_outputs(files: list[str], output: str) -> int:
     for f in files:
         if row_col not in schema_names(f):
             raise MergeError(f"{f} has no {row_col} column")
-    summary = {"rows": 0, "error_rows": 0, "errors": Counter(), "levels": Counter(),
-               "unreadable": 0}
-    for f in files:
-        s = metadata(f).get("summary") or {}
-        summary["rows"] += s.get("rows", 0)
-        summary["error_rows"] += s.get("error_rows", 0)
-        summary["unreadable"] += s.get("unreadable", 0)
-        summary["errors"].update(s.get("errors", {}))
-        summary["levels"].update(s.get("levels", {}))
     out_meta = dict(meta, shard=None, fingerprint=meta["settings_fingerprint"],
                     merged_from=files,
                     verbs=[*(meta.get("verbs") or []), {"verb": "merge", "inputs": files}],
-                    summary={**summary, "errors": dict(summary["errors"]),
-                                                "levels": dict(summary["levels"])})
+                    summary=merged_summary([metadata(f).get("summary") or {} for f in files]))
     last = -1
     with OutputWriter(output, unified_schema(files), out_meta) as writer:
         for t in kway([iter_tables(f) for f in files], row_col):
@@ -80,6 +70,25 @@ def merge_outputs(files: list[str], output: str) -> int:
             last = int(rows[-1])
             writer.write(t)
     return writer.rows
+
+
+# the run's own summary entries a merge leaves out (they describe one shard's invocation)
+_PER_SHARD = ("notes", "data_parallel", "truncated")
+
+
+def merged_summary(summaries: list[dict]) -> dict:
+    """The shards' summaries added up: rows, error rows, errors by reason, and each of the
+    task's counts (`Task.counts`: a number of rows, or rows per value), whatever its name."""
+    out: dict = {"rows": 0, "error_rows": 0, "errors": Counter()}
+    for s in summaries:
+        for name, value in s.items():
+            if name in _PER_SHARD:
+                continue
+            if isinstance(value, dict):
+                out.setdefault(name, Counter()).update(value)
+            elif isinstance(value, (int, float)):
+                out[name] = out.get(name, 0) + value
+    return {k: dict(v) if isinstance(v, Counter) else v for k, v in out.items()}
 
 
 def merge(inputs: list[str] | str, output: str) -> tuple[int, int]:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from dataclasses import fields as dataclass_fields
 
 from nfb.config import EngineConfig, RunConfig, SamplingConfig, Shard
 from nfb.errors import UsageError
@@ -51,54 +52,90 @@ def _resolve_model(model: str, log: Callable[[str], None]) -> str:
     return os.path.expanduser(model)
 
 
-def _run_config(inputs, output, *, model: str, revision, prompt_field, response_field,
-                messages_field, limit, shard, tensor_parallel_size, max_model_len,
-                responses_field=None,
-                gpu_memory_utilization, dtype, trust_remote_code, enforce_eager, max_in_flight,
-                batch_rows, engine, ray_address, replicas, ray_block_rows, prefix, overwrite,
-                checkpoint_every, engine_restarts, stall_timeout, hf_overrides=None,
-                enable_prefix_caching=None, too_long="error", max_line_bytes=None,
-                data_parallel="auto",
-                log=lambda _m: None) -> RunConfig:
+@dataclass(frozen=True)
+class RunOptions:
+    """The run settings `feedback`, `score` and `judge` share: their keyword arguments of the
+    same names, gathered once (`RunOptions.of(locals())`) and turned into a RunConfig by
+    `_run_config`."""
+
+    model: str
+    revision: str | None = None
+    prompt_field: str = "prompt"
+    response_field: str | Sequence[str] | None = "response"
+    responses_field: str | None = None
+    messages_field: str | None = None
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    enforce_eager: bool | None = None
+    max_in_flight: int = 1024
+    batch_rows: int = 256
+    engine: str = "vllm"
+    ray_address: str | None = None
+    replicas: int = 1
+    ray_block_rows: int = 100_000
+    engine_restarts: int = 0
+    stall_timeout: float = 600.0
+    data_parallel: int | str = "auto"
+    limit: int | None = None
+    shard: str | Shard | None = None
+    prefix: str = ""
+    overwrite: bool = False
+    checkpoint_every: float = 30.0
+    too_long: str = "error"
+    max_line_bytes: int | None = None
+
+    @classmethod
+    def of(cls, arguments: dict) -> RunOptions:
+        """The shared settings among a call's arguments (its `locals()` before anything else)."""
+        return cls(**{f.name: arguments[f.name] for f in dataclass_fields(cls)
+                      if f.name in arguments})
+
+
+def _run_config(inputs, output, o: RunOptions, *, enable_prefix_caching: bool | None = None,
+                log: Callable[[str], None] = lambda _m: None) -> RunConfig:
     """Check everything that needs no model (exit 2 / 1 before loading) and build the config."""
+    model, max_line_bytes, data_parallel = o.model, o.max_line_bytes, o.data_parallel
     from nfb.engines import check_engine
     from nfb.io.readers import resolve_inputs
     from nfb.io.writers import output_format
     output = str(output)
-    fields = _fields(prompt_field, response_field, responses_field, messages_field)
+    fields = _fields(o.prompt_field, o.response_field, o.responses_field, o.messages_field)
     if enable_prefix_caching is None and (fields.responses or fields.responses_list):
         enable_prefix_caching = True   # the responses of a row share their prompt
     try:
         output_format(output)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if prefix and not all(c.isalnum() or c in "_-." for c in prefix):
-        raise UsageError(f"--prefix {prefix!r}: use letters, digits, '_', '-' or '.'")
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: use auto, bfloat16, float16 or float32")
-    for name, value, low in (("--tensor-parallel-size", tensor_parallel_size, 1),
-                             ("--max-in-flight", max_in_flight, 1),
-                             ("--batch-rows", batch_rows, 1), ("--replicas", replicas, 1),
-                             ("--engine-restarts", engine_restarts, 0)):
+    if o.prefix and not all(c.isalnum() or c in "_-." for c in o.prefix):
+        raise UsageError(f"--prefix {o.prefix!r}: use letters, digits, '_', '-' or '.'")
+    if o.dtype not in DTYPES:
+        raise UsageError(f"--dtype {o.dtype!r}: use auto, bfloat16, float16 or float32")
+    for name, value, low in (("--tensor-parallel-size", o.tensor_parallel_size, 1),
+                             ("--max-in-flight", o.max_in_flight, 1),
+                             ("--batch-rows", o.batch_rows, 1), ("--replicas", o.replicas, 1),
+                             ("--engine-restarts", o.engine_restarts, 0)):
         if value < low:
             raise UsageError(f"{name} must be at least {low}")
-    if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+    if o.gpu_memory_utilization is not None and not 0 < o.gpu_memory_utilization <= 1:
         raise UsageError("--gpu-memory-utilization must be in (0, 1]")
-    if stall_timeout <= 0:
+    if o.stall_timeout <= 0:
         raise UsageError("--stall-timeout must be above 0 seconds")
     from nfb.io.jsonl import MAX_LINE_BYTES
     from nfb.run.fit import POLICIES
-    if too_long not in POLICIES:
-        raise UsageError(f"--too-long {too_long!r}: use {', '.join(POLICIES)}")
+    if o.too_long not in POLICIES:
+        raise UsageError(f"--too-long {o.too_long!r}: use {', '.join(POLICIES)}")
     max_line_bytes = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
     if max_line_bytes < 1:
         raise UsageError("--max-line-bytes must be at least 1")
-    check_engine(engine)
-    if engine != "ray" and (ray_address or replicas != 1):
+    check_engine(o.engine)
+    if o.engine != "ray" and (o.ray_address or o.replicas != 1):
         raise UsageError("--ray-address and --replicas go with --engine ray")
     model = _resolve_model(model, log)
     files = resolve_inputs(_inputs(inputs), exclude=output)
-    if engine_restarts and "-" in files:
+    if o.engine_restarts and "-" in files:
         raise UsageError("--engine-restarts needs input files: stdin cannot be read again "
                          "after an engine restart")
     check_run_output(output, files)
@@ -106,21 +143,21 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
         from nfb.io.storage import check_output
         check_output(output)
     from nfb.engines.replicas import resolve_data_parallel
-    data_parallel = resolve_data_parallel(data_parallel, tensor_parallel_size, engine)
+    data_parallel = resolve_data_parallel(data_parallel, o.tensor_parallel_size, o.engine)
     engine_cfg = EngineConfig(
-        model=model, revision=revision, tensor_parallel_size=tensor_parallel_size,
-        max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-        dtype=dtype, trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
-        hf_overrides=hf_overrides, enable_prefix_caching=enable_prefix_caching,
-        max_in_flight=max_in_flight, backend=engine, ray_address=ray_address,
-        replicas=replicas, ray_block_rows=ray_block_rows, engine_restarts=engine_restarts,
-        stall_timeout=stall_timeout, data_parallel=data_parallel)
+        model=model, revision=o.revision, tensor_parallel_size=o.tensor_parallel_size,
+        max_model_len=o.max_model_len, gpu_memory_utilization=o.gpu_memory_utilization,
+        dtype=o.dtype, trust_remote_code=o.trust_remote_code, enforce_eager=o.enforce_eager,
+        enable_prefix_caching=enable_prefix_caching,
+        max_in_flight=o.max_in_flight, backend=o.engine, ray_address=o.ray_address,
+        replicas=o.replicas, ray_block_rows=o.ray_block_rows, engine_restarts=o.engine_restarts,
+        stall_timeout=o.stall_timeout, data_parallel=data_parallel)
     return RunConfig(
         inputs=tuple(files), output=output, engine=engine_cfg,
         fields=fields,
-        limit=limit, shard=Shard.parse(shard) if isinstance(shard, str) else shard,
-        prefix=prefix, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
-        batch_rows=batch_rows, too_long=too_long, max_line_bytes=max_line_bytes)
+        limit=o.limit, shard=Shard.parse(o.shard) if isinstance(o.shard, str) else o.shard,
+        prefix=o.prefix, overwrite=o.overwrite, checkpoint_seconds=o.checkpoint_every,
+        batch_rows=o.batch_rows, too_long=o.too_long, max_line_bytes=max_line_bytes)
 
 
 def check_run_output(output: str, files: list[str]) -> None:
@@ -225,23 +262,13 @@ def feedback(
     """Judge each response with a generative feedback model: `feedback` (text),
     `feedback_level` (1-5), `feedback_label`; with samples > 1 also the per-sample lists and
     the mean level. Resumes an interrupted run with the same settings."""
+    opts = RunOptions.of(locals())
     log = log or (lambda _m: None)
     sampling = _sampling(engine, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                          seed=seed, samples=samples,
                          regex=CONSTRAINED_REGEX if constrain_level else None)
-    cfg = _run_config(
-        inputs, output, model=model, revision=revision, prompt_field=prompt_field,
-        response_field=response_field, responses_field=responses_field,
-        messages_field=messages_field, limit=limit,
-        shard=shard, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-        gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
-        trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
-        max_in_flight=max_in_flight, batch_rows=batch_rows, engine=engine,
-        ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
-        prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
-        engine_restarts=engine_restarts, stall_timeout=stall_timeout,
-        enable_prefix_caching=True if samples > 1 else None, too_long=too_long,
-        max_line_bytes=max_line_bytes, data_parallel=data_parallel, log=log)
+    cfg = _run_config(inputs, output, opts,
+                      enable_prefix_caching=True if samples > 1 else None, log=log)
     _check_context(cfg, max_tokens)
     task = FeedbackTask(sampling, recipe=_recipe("feedback", model, cfg.engine.model, None, log))
     return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log)
@@ -312,6 +339,7 @@ def judge(
     The Principle GenRM (nvidia/Qwen3-Nemotron-32B-GenRM-Principle) takes `principle` (or
     `principle_field`) and writes `reward`; its sampling defaults are NeMo-RL's (greedy, 200
     tokens)."""
+    opts = RunOptions.of(locals())
     from nfb.tasks.judge import VOTES, JudgeTask
 
     log = log or (lambda _m: None)
@@ -323,19 +351,9 @@ def judge(
         raise UsageError(f"--votes {votes!r}: use {' or '.join(VOTES)}")
     if principle is not None and not str(principle).strip():
         raise UsageError("--principle is empty")
-    cfg = _run_config(
-        inputs, output, model=model, revision=revision, prompt_field=prompt_field,
-        response_field=names, messages_field=messages_field, limit=limit,
-        shard=shard, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-        gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
-        trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
-        max_in_flight=max_in_flight, batch_rows=batch_rows, engine=engine,
-        ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
-        prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
-        engine_restarts=engine_restarts, stall_timeout=stall_timeout,
-        data_parallel=data_parallel,
-        # a GenRM template puts its long instructions before every conversation
-        enable_prefix_caching=True, too_long=too_long, max_line_bytes=max_line_bytes, log=log)
+    # a GenRM template puts its long instructions before every conversation
+    cfg = _run_config(inputs, output, replace(opts, response_field=names),
+                      enable_prefix_caching=True, log=log)
     found = _judge_recipe(model, cfg.engine.model, recipe, len(names), log)
     if found is not None and found.task == "judge_principle":
         return _judge_principle(cfg, found, principle=principle, principle_field=principle_field,
@@ -464,6 +482,7 @@ def score(
 ) -> RunResult:
     """Score each conversation with a reward model: one float column per head (attribute)
     and `reward`, their weighted sum (a scalar model's output is `reward` itself)."""
+    opts = RunOptions.of(locals())
     from nfb.run.setup import score_task
 
     log = log or (lambda _m: None)
@@ -472,18 +491,7 @@ def score(
     if weights is not None and not isinstance(weights, str):
         weights = ",".join(f"{k}={v}" for k, v in weights.items()) if isinstance(weights, dict) \
             else ",".join(str(w) for w in weights)
-    cfg = _run_config(
-        inputs, output, model=model, revision=revision, prompt_field=prompt_field,
-        response_field=response_field, responses_field=responses_field,
-        messages_field=messages_field, limit=limit,
-        shard=shard, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-        gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
-        trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
-        max_in_flight=max_in_flight, batch_rows=batch_rows, engine=engine,
-        ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
-        prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
-        engine_restarts=engine_restarts, stall_timeout=stall_timeout, too_long=too_long,
-        max_line_bytes=max_line_bytes, data_parallel=data_parallel, log=log)
+    cfg = _run_config(inputs, output, opts, log=log)
     if isinstance(principle, str):
         principle = [principle]
     principle = list(principle or [])

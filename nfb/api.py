@@ -22,6 +22,7 @@ from dataclasses import fields as dataclass_fields
 from nfb.config import EngineConfig, RunConfig, SamplingConfig, Shard
 from nfb.errors import UsageError
 from nfb.io.storage import is_url
+from nfb.models.modelinfo import ModelFacts
 from nfb.run.pipeline import Progress, RunResult, run
 from nfb.tasks.feedback import CONSTRAINED_REGEX, DEFAULT_MODEL, FeedbackTask
 from nfb.tasks.judge import DEFAULT_MODEL as JUDGE_MODEL
@@ -212,14 +213,16 @@ def for_fields(task, cfg: RunConfig):
     return task
 
 
-def _check_context(cfg: RunConfig, max_tokens: int) -> None:
-    """--max-tokens must leave room for a prompt (from the config, before loading)."""
-    from nfb.models.modelinfo import read_model_info
+def _facts(cfg: RunConfig) -> ModelFacts:
+    """The run's one setup pass over its model: each fact read once, handed to every check."""
+    return ModelFacts(cfg.engine.model, cfg.engine.revision, cfg.engine.trust_remote_code)
 
-    if not os.path.isdir(cfg.engine.model):
+
+def _check_context(cfg: RunConfig, max_tokens: int, facts: ModelFacts) -> None:
+    """--max-tokens must leave room for a prompt (from the config, before loading)."""
+    if not facts.local:
         return  # a hub id: checked once the engine has the config
-    info = read_model_info(cfg.engine.model, cfg.engine.revision, cfg.engine.trust_remote_code)
-    ctx = cfg.engine.max_model_len or info.max_position_embeddings
+    ctx = cfg.engine.max_model_len or facts.info.max_position_embeddings
     if ctx and max_tokens >= ctx:
         raise UsageError(f"--max-tokens {max_tokens} leaves no room for a prompt in a "
                          f"{ctx}-token context: lower it, or raise --max-model-len")
@@ -269,18 +272,19 @@ def feedback(
                          regex=CONSTRAINED_REGEX if constrain_level else None)
     cfg = _run_config(inputs, output, opts,
                       enable_prefix_caching=True if samples > 1 else None, log=log)
-    _check_context(cfg, max_tokens)
-    task = FeedbackTask(sampling, recipe=_recipe("feedback", model, cfg.engine.model, None, log))
-    return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log)
+    facts = _facts(cfg)
+    _check_context(cfg, max_tokens, facts)
+    task = FeedbackTask(sampling, recipe=_recipe("feedback", facts, None, log))
+    return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log, facts)
 
 
 def _go(cfg: RunConfig, task, dry_run: bool, card: bool, progress: Progress | None,
-        log: Callable[[str], None]):
+        log: Callable[[str], None], facts: ModelFacts):
     """Run the task (or, with dry_run, plan it: `nfb.run.dryrun.DryRunResult`, no engine);
     with card, write the dataset card beside the finished output."""
     if dry_run:
         from nfb.run.dryrun import dry_run as plan
-        return plan(cfg, task, log=log)
+        return plan(cfg, task, log=log, facts=facts)
     if card:
         from nfb.verbs.card import check_card
         check_card(cfg.output)
@@ -292,15 +296,11 @@ def _go(cfg: RunConfig, task, dry_run: bool, card: bool, progress: Progress | No
     return result
 
 
-def _recipe(verb: str, name: str, model_dir: str, recipe: str | None,
-            log: Callable[[str], None]):
+def _recipe(verb: str, facts: ModelFacts, recipe: str | None, log: Callable[[str], None]):
     """The model's recipe for `nfb VERB` (recorded in the provenance), or None."""
     from nfb.run.setup import resolve_recipe
 
-    found, how = resolve_recipe(model_dir if os.path.isdir(model_dir) else name, recipe, verb)
-    if found is not None:
-        log(f"recipe {found.name} ({how}): {found.card}")
-    return found
+    return resolve_recipe(facts, recipe, verb, log=log)
 
 
 def judge(
@@ -354,11 +354,13 @@ def judge(
     # a GenRM template puts its long instructions before every conversation
     cfg = _run_config(inputs, output, replace(opts, response_field=names),
                       enable_prefix_caching=True, log=log)
-    found = _judge_recipe(model, cfg.engine.model, recipe, len(names), log)
+    facts = _facts(cfg)
+    found = _judge_recipe(model, facts, recipe, len(names), log)
     if found is not None and found.task == "judge_principle":
-        return _judge_principle(cfg, found, principle=principle, principle_field=principle_field,
-                                names=names, samples=samples, votes=votes, temperature=temperature,
-                                top_p=top_p, max_tokens=max_tokens, seed=seed, engine=engine,
+        return _judge_principle(cfg, found, facts, principle=principle,
+                                principle_field=principle_field, names=names, samples=samples,
+                                votes=votes, temperature=temperature, top_p=top_p,
+                                max_tokens=max_tokens, seed=seed, engine=engine,
                                 dry_run=dry_run, card=card, progress=progress, log=log)
     if principle is not None or principle_field is not None:
         raise UsageError("--principle and --principle-field are for the Principle GenRM "
@@ -368,19 +370,17 @@ def judge(
                          else temperature, top_p=JUDGE_TOP_P if top_p is None else top_p,
                          max_tokens=JUDGE_MAX_TOKENS if max_tokens is None else max_tokens,
                          seed=seed, samples=samples)
-    _check_context(cfg, sampling.max_tokens)
-    _check_judge_template(cfg.engine.model, cfg.engine.revision, cfg.engine.trust_remote_code,
-                          len(names))
+    _check_context(cfg, sampling.max_tokens, facts)
+    _check_judge_template(facts, len(names))
     task = JudgeTask(sampling, fields=tuple(names), recipe=found,
                      context_limit=found.context_limit if found else None, votes=votes)
-    return _go(cfg, task, dry_run, card, progress, log)
+    return _go(cfg, task, dry_run, card, progress, log, facts)
 
 
-def _judge_principle(cfg: RunConfig, found, *, principle, principle_field, names, samples,
-                     votes, temperature, top_p, max_tokens, seed, engine, dry_run, card,
-                     progress, log):
+def _judge_principle(cfg: RunConfig, found, facts: ModelFacts, *, principle, principle_field,
+                     names, samples, votes, temperature, top_p, max_tokens, seed, engine,
+                     dry_run, card, progress, log):
     """`nfb judge` with the Principle GenRM: checks before loading, then the run."""
-    from nfb.models.modelinfo import read_tokenizer
     from nfb.tasks.principle import (
         GENRM_MAX_TOKENS,
         GENRM_TEMPERATURE,
@@ -402,20 +402,19 @@ def _judge_principle(cfg: RunConfig, found, *, principle, principle_field, names
                          max_tokens=GENRM_MAX_TOKENS if max_tokens is None else max_tokens,
                          seed=seed, samples=samples)
     sampling = replace(sampling, logprobs=TOP_LOGPROBS)
-    _check_context(cfg, sampling.max_tokens)
+    _check_context(cfg, sampling.max_tokens, facts)
     task = PrincipleJudgeTask(sampling, principle=principle, principle_field=principle_field,
                               recipe=found, context_limit=found.context_limit, votes=votes)
-    if os.path.isdir(cfg.engine.model):   # a hub id: checked once the engine has its tokenizer
-        tok = read_tokenizer(cfg.engine.model, cfg.engine.revision, cfg.engine.trust_remote_code)
-        if tok is not None:
-            task.check_tokenizer(tok)
-    return _go(cfg, task, dry_run, card, progress, log)
+    if facts.local:   # a hub id: checked once the engine has its tokenizer
+        if facts.tokenizer is not None:
+            task.check_tokenizer(facts.tokenizer)
+    return _go(cfg, task, dry_run, card, progress, log, facts)
 
 
-def _judge_recipe(name: str, model_dir: str, recipe: str | None, responses: int,
+def _judge_recipe(name: str, facts: ModelFacts, recipe: str | None, responses: int,
                   log: Callable[[str], None]):
     """The GenRM's recipe, or None (generic path); it must judge this many responses."""
-    found = _recipe("judge", name, model_dir, recipe, log)
+    found = _recipe("judge", facts, recipe, log)
     if found is None:
         log(f"note: no nfb recipe for {name}: generic path (its chat template must know the "
             "roles response_1 and response_2); `nfb models` lists the GenRMs nfb knows")
@@ -428,31 +427,27 @@ def _judge_recipe(name: str, model_dir: str, recipe: str | None, responses: int,
     return found
 
 
-def _check_judge_template(model: str, revision: str | None, trust_remote_code: bool,
-                          responses: int) -> None:
+def _check_judge_template(facts: ModelFacts, responses: int) -> None:
     """Before loading, for a local model: its chat template must render the response roles
     (a GenRM's does; another model's drops them or fails, which would judge nothing). A hub
     id's template is checked once the engine has its tokenizer (JudgeTask.check_tokenizer)."""
-    from nfb.models.modelinfo import read_tokenizer
     from nfb.tasks.judge import check_template
 
-    tok = read_tokenizer(model, revision, trust_remote_code) if os.path.isdir(model) else None
+    tok = facts.tokenizer if facts.local else None
     if tok is None:
         return
     why = check_template(tok, responses)
     if why:
-        raise UsageError(f"{model}: {why}: is this a generative reward model?")
+        raise UsageError(f"{facts.model}: {why}: is this a generative reward model?")
 
 
-def _card_context(cfg: RunConfig, limit: int | None, log: Callable[[str], None]) -> RunConfig:
+def _card_context(cfg: RunConfig, limit: int | None, facts: ModelFacts,
+                  log: Callable[[str], None]) -> RunConfig:
     """A local model whose config.json states no context length runs with its card's (the
     recipe's context_limit) unless --max-model-len is given: transformers would otherwise fill
     in its class default (2,048 for Llama), which would refuse rows the card allows."""
-    from nfb.models.modelinfo import config_context
-
     model = cfg.engine.model
-    if not limit or cfg.engine.max_model_len or not os.path.isdir(model) \
-            or config_context(model) is not None:
+    if not limit or cfg.engine.max_model_len or not facts.local or facts.context is not None:
         return cfg
     log(f"note: {model}'s config states no context length: the card's {limit:,} tokens")
     return replace(cfg, engine=replace(cfg.engine, max_model_len=limit))
@@ -497,19 +492,19 @@ def score(
     principle = list(principle or [])
     if any(not p.strip() for p in principle):
         raise UsageError("--principle is empty")
+    facts = _facts(cfg)
     task, hf_overrides = score_task(
-        cfg.engine.model, revision=revision, trust_remote_code=trust_remote_code,
-        weights=weights, attributes=list(attributes) if attributes else None,
+        facts, weights=weights, attributes=list(attributes) if attributes else None,
         reward_token=None if reward_token is None else str(reward_token),
         prompt_format=prompt_format, recipe=recipe, principle=principle or None,
         principle_field=principle_field, log=log)
     if hf_overrides:
         cfg = replace(cfg, engine=replace(cfg.engine, hf_overrides=hf_overrides))
-    cfg = _card_context(cfg, task.context_limit, log)
+    cfg = _card_context(cfg, task.context_limit, facts, log)
     if getattr(task, "principles", None) is not None:
         # every principle of a row repeats the conversation: cache the shared prefix
         cfg = replace(cfg, engine=replace(cfg.engine, enable_prefix_caching=True))
-    return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log)
+    return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log, facts)
 
 
 _LAZY = {   # name -> (module, attribute): what needs more than pyarrow loads on first use

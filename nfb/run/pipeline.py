@@ -1,7 +1,10 @@
 """read -> skip done -> conversation -> tokens -> engine -> parse -> ordered checkpoint parts.
 
 `nfb.api` builds the config and the task and calls `run`; the pipeline drives the engine
-(tasks never do) and knows nothing of the CLI.
+(tasks never do) and knows nothing of the CLI. This module holds the run itself: the output
+lock, resume, the engine and its restarts, the final merge of the parts; the feeder
+(`nfb.run.feed`) prepares the engine's requests and the collector (`nfb.run.collect`) turns
+its outputs back into ordered rows.
 
 Rows flow in chunks. Every row of a chunk ends as a result or an error; chunks leave in
 input order once all their rows are finished, so checkpoint parts are contiguous and the

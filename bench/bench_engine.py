@@ -83,7 +83,7 @@ def nfb_run(engine, task, src: Path, out: Path) -> tuple[float, list]:
     import pyarrow.parquet as pq
 
     from nfb.config import EngineConfig, RunConfig
-    from nfb.pipeline import run
+    from nfb.run.pipeline import run
 
     cfg = RunConfig(inputs=(str(src),), output=str(out), overwrite=True,
                     engine=EngineConfig(model=engine.cfg.model))
@@ -144,7 +144,7 @@ def main() -> None:
 
     from nfb.config import EngineConfig, SamplingConfig
     from nfb.engines.vllm import VLLMEngine
-    from nfb.modelinfo import read_model_info
+    from nfb.models.modelinfo import read_model_info
     from nfb.tasks.feedback import FeedbackTask
     from nfb.tasks.reward import ScoreTask, attribute_names
 

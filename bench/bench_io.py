@@ -46,7 +46,7 @@ def pre_engine(src: Path, tok, workers: int | None) -> tuple[float, float]:
     """nfb's Feeder alone: rows/s and tokens/s from JSONL to token ids."""
     import numpy as np
 
-    from nfb.pipeline import Feeder
+    from nfb.run.feed import Feeder
 
     t0 = time.perf_counter()
     feeder = Feeder(_cfg(src, src.with_suffix(".x.parquet")), feedback_task(), tok,
@@ -85,8 +85,9 @@ def encode_limit(texts: list[str], tok, ids: bool = False) -> tuple[float, float
 
 
 def run_nfb(src: Path, out: Path, tok, task: str = "feedback") -> float:
-    from nfb.pipeline import run
-    from nfb.tasks.reward import PRESETS, STEERLM_ATTRIBUTES, ScoreTask
+    from nfb.models.steerlm import STEERLM_ATTRIBUTES
+    from nfb.run.pipeline import run
+    from nfb.tasks.reward import PRESETS, ScoreTask
 
     t = feedback_task() if task == "feedback" else ScoreTask(
         list(STEERLM_ATTRIBUTES), list(PRESETS["llama3-70b-steerlm"][0]))

@@ -36,9 +36,10 @@ def one(engine, src: Path, out: Path) -> tuple[float, list]:
 
     from nfb.api import for_fields
     from nfb.config import EngineConfig, RunConfig
-    from nfb.pipeline import run
+    from nfb.models.steerlm import STEERLM_ATTRIBUTES
     from nfb.records import FieldMap
-    from nfb.tasks.reward import PRESETS, STEERLM_ATTRIBUTES, ScoreTask
+    from nfb.run.pipeline import run
+    from nfb.tasks.reward import PRESETS, ScoreTask
 
     cfg = RunConfig(inputs=(str(src),), output=str(out), overwrite=True,
                     engine=EngineConfig(model=engine.cfg.model),

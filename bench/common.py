@@ -95,7 +95,7 @@ def bench_tokenizer(path: str | None = None):
     from transformers import AutoTokenizer
 
     if path is None:
-        from nfb.demo import prepare_demo
+        from nfb.models.demo import prepare_demo
         path = str(prepare_demo())
         tok = AutoTokenizer.from_pretrained(path)
         import tiny_models

@@ -15,8 +15,7 @@ _API = ("feedback", "score", "judge", "filter", "stats", "merge", "convert", "pa
 
 
 class _Package(types.ModuleType):
-    """`nfb.stats` is the function even after the module `nfb.stats` was imported (importing a
-    submodule sets the package attribute of the same name)."""
+    """`nfb.stats` is the API function (`nfb.api.stats`), looked up at each access."""
 
     def __getattribute__(self, name: str):
         if name in _API:

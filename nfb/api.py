@@ -16,20 +16,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from dataclasses import fields as dataclass_fields
 
 from nfb.config import EngineConfig, RunConfig, SamplingConfig, Shard
 from nfb.errors import UsageError
-from nfb.filters import filter_rows as filter  # noqa: A001,F401
 from nfb.io.storage import is_url
-from nfb.merge import merge  # noqa: F401
-from nfb.pipeline import Progress, RunResult, run
-from nfb.stats import stats  # noqa: F401
+from nfb.models.modelinfo import ModelFacts
+from nfb.run.pipeline import Progress, RunResult, run
 from nfb.tasks.feedback import CONSTRAINED_REGEX, DEFAULT_MODEL, FeedbackTask
 from nfb.tasks.judge import DEFAULT_MODEL as JUDGE_MODEL
 from nfb.tasks.judge import MAX_TOKENS as JUDGE_MAX_TOKENS
 from nfb.tasks.judge import TEMPERATURE as JUDGE_TEMPERATURE
 from nfb.tasks.judge import TOP_P as JUDGE_TOP_P
+from nfb.verbs.filters import filter_rows as filter  # noqa: A001,F401
+from nfb.verbs.merge import merge  # noqa: F401
+from nfb.verbs.stats import stats  # noqa: F401
 
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 
@@ -41,64 +43,100 @@ def _inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str
 
 
 def _resolve_model(model: str, log: Callable[[str], None]) -> str:
-    from nfb.modelinfo import check_model_path
+    from nfb.models.modelinfo import check_model_path
 
     model = str(model)
     if model == "demo":
-        from nfb.demo import prepare_demo
+        from nfb.models.demo import prepare_demo
         return str(prepare_demo(log=log))
     check_model_path(model)
     return os.path.expanduser(model)
 
 
-def _run_config(inputs, output, *, model: str, revision, prompt_field, response_field,
-                messages_field, limit, shard, tensor_parallel_size, max_model_len,
-                responses_field=None,
-                gpu_memory_utilization, dtype, trust_remote_code, enforce_eager, max_in_flight,
-                batch_rows, engine, ray_address, replicas, ray_block_rows, prefix, overwrite,
-                checkpoint_every, engine_restarts, stall_timeout, hf_overrides=None,
-                enable_prefix_caching=None, too_long="error", max_line_bytes=None,
-                data_parallel="auto",
-                log=lambda _m: None) -> RunConfig:
+@dataclass(frozen=True)
+class RunOptions:
+    """The run settings `feedback`, `score` and `judge` share: their keyword arguments of the
+    same names, gathered once (`RunOptions.of(locals())`) and turned into a RunConfig by
+    `_run_config`."""
+
+    model: str
+    revision: str | None = None
+    prompt_field: str = "prompt"
+    response_field: str | Sequence[str] | None = "response"
+    responses_field: str | None = None
+    messages_field: str | None = None
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    enforce_eager: bool | None = None
+    max_in_flight: int = 1024
+    batch_rows: int = 256
+    engine: str = "vllm"
+    ray_address: str | None = None
+    replicas: int = 1
+    ray_block_rows: int = 100_000
+    engine_restarts: int = 0
+    stall_timeout: float = 600.0
+    data_parallel: int | str = "auto"
+    limit: int | None = None
+    shard: str | Shard | None = None
+    prefix: str = ""
+    overwrite: bool = False
+    checkpoint_every: float = 30.0
+    too_long: str = "error"
+    max_line_bytes: int | None = None
+
+    @classmethod
+    def of(cls, arguments: dict) -> RunOptions:
+        """The shared settings among a call's arguments (its `locals()` before anything else)."""
+        return cls(**{f.name: arguments[f.name] for f in dataclass_fields(cls)
+                      if f.name in arguments})
+
+
+def _run_config(inputs, output, o: RunOptions, *, enable_prefix_caching: bool | None = None,
+                log: Callable[[str], None] = lambda _m: None) -> RunConfig:
     """Check everything that needs no model (exit 2 / 1 before loading) and build the config."""
+    model, max_line_bytes, data_parallel = o.model, o.max_line_bytes, o.data_parallel
     from nfb.engines import check_engine
     from nfb.io.readers import resolve_inputs
     from nfb.io.writers import output_format
     output = str(output)
-    fields = _fields(prompt_field, response_field, responses_field, messages_field)
+    fields = _fields(o.prompt_field, o.response_field, o.responses_field, o.messages_field)
     if enable_prefix_caching is None and (fields.responses or fields.responses_list):
         enable_prefix_caching = True   # the responses of a row share their prompt
     try:
         output_format(output)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if prefix and not all(c.isalnum() or c in "_-." for c in prefix):
-        raise UsageError(f"--prefix {prefix!r}: use letters, digits, '_', '-' or '.'")
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: use auto, bfloat16, float16 or float32")
-    for name, value, low in (("--tensor-parallel-size", tensor_parallel_size, 1),
-                             ("--max-in-flight", max_in_flight, 1),
-                             ("--batch-rows", batch_rows, 1), ("--replicas", replicas, 1),
-                             ("--engine-restarts", engine_restarts, 0)):
+    if o.prefix and not all(c.isalnum() or c in "_-." for c in o.prefix):
+        raise UsageError(f"--prefix {o.prefix!r}: use letters, digits, '_', '-' or '.'")
+    if o.dtype not in DTYPES:
+        raise UsageError(f"--dtype {o.dtype!r}: use auto, bfloat16, float16 or float32")
+    for name, value, low in (("--tensor-parallel-size", o.tensor_parallel_size, 1),
+                             ("--max-in-flight", o.max_in_flight, 1),
+                             ("--batch-rows", o.batch_rows, 1), ("--replicas", o.replicas, 1),
+                             ("--engine-restarts", o.engine_restarts, 0)):
         if value < low:
             raise UsageError(f"{name} must be at least {low}")
-    if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+    if o.gpu_memory_utilization is not None and not 0 < o.gpu_memory_utilization <= 1:
         raise UsageError("--gpu-memory-utilization must be in (0, 1]")
-    if stall_timeout <= 0:
+    if o.stall_timeout <= 0:
         raise UsageError("--stall-timeout must be above 0 seconds")
-    from nfb.fit import POLICIES
     from nfb.io.jsonl import MAX_LINE_BYTES
-    if too_long not in POLICIES:
-        raise UsageError(f"--too-long {too_long!r}: use {', '.join(POLICIES)}")
+    from nfb.run.fit import POLICIES
+    if o.too_long not in POLICIES:
+        raise UsageError(f"--too-long {o.too_long!r}: use {', '.join(POLICIES)}")
     max_line_bytes = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
     if max_line_bytes < 1:
         raise UsageError("--max-line-bytes must be at least 1")
-    check_engine(engine)
-    if engine != "ray" and (ray_address or replicas != 1):
+    check_engine(o.engine)
+    if o.engine != "ray" and (o.ray_address or o.replicas != 1):
         raise UsageError("--ray-address and --replicas go with --engine ray")
     model = _resolve_model(model, log)
     files = resolve_inputs(_inputs(inputs), exclude=output)
-    if engine_restarts and "-" in files:
+    if o.engine_restarts and "-" in files:
         raise UsageError("--engine-restarts needs input files: stdin cannot be read again "
                          "after an engine restart")
     check_run_output(output, files)
@@ -106,27 +144,27 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
         from nfb.io.storage import check_output
         check_output(output)
     from nfb.engines.replicas import resolve_data_parallel
-    data_parallel = resolve_data_parallel(data_parallel, tensor_parallel_size, engine)
+    data_parallel = resolve_data_parallel(data_parallel, o.tensor_parallel_size, o.engine)
     engine_cfg = EngineConfig(
-        model=model, revision=revision, tensor_parallel_size=tensor_parallel_size,
-        max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-        dtype=dtype, trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
-        hf_overrides=hf_overrides, enable_prefix_caching=enable_prefix_caching,
-        max_in_flight=max_in_flight, backend=engine, ray_address=ray_address,
-        replicas=replicas, ray_block_rows=ray_block_rows, engine_restarts=engine_restarts,
-        stall_timeout=stall_timeout, data_parallel=data_parallel)
+        model=model, revision=o.revision, tensor_parallel_size=o.tensor_parallel_size,
+        max_model_len=o.max_model_len, gpu_memory_utilization=o.gpu_memory_utilization,
+        dtype=o.dtype, trust_remote_code=o.trust_remote_code, enforce_eager=o.enforce_eager,
+        enable_prefix_caching=enable_prefix_caching,
+        max_in_flight=o.max_in_flight, backend=o.engine, ray_address=o.ray_address,
+        replicas=o.replicas, ray_block_rows=o.ray_block_rows, engine_restarts=o.engine_restarts,
+        stall_timeout=o.stall_timeout, data_parallel=data_parallel)
     return RunConfig(
         inputs=tuple(files), output=output, engine=engine_cfg,
         fields=fields,
-        limit=limit, shard=Shard.parse(shard) if isinstance(shard, str) else shard,
-        prefix=prefix, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
-        batch_rows=batch_rows, too_long=too_long, max_line_bytes=max_line_bytes)
+        limit=o.limit, shard=Shard.parse(o.shard) if isinstance(o.shard, str) else o.shard,
+        prefix=o.prefix, overwrite=o.overwrite, checkpoint_seconds=o.checkpoint_every,
+        batch_rows=o.batch_rows, too_long=o.too_long, max_line_bytes=max_line_bytes)
 
 
 def check_run_output(output: str, files: list[str]) -> None:
     """The output is never an input, and no input lives in the output's work directory."""
     from nfb.io.outputs import check_not_input, inside
-    from nfb.workdir import workdir_for
+    from nfb.run.workdir import workdir_for
 
     check_not_input(output, files)
     if output != "-":
@@ -175,14 +213,16 @@ def for_fields(task, cfg: RunConfig):
     return task
 
 
-def _check_context(cfg: RunConfig, max_tokens: int) -> None:
-    """--max-tokens must leave room for a prompt (from the config, before loading)."""
-    from nfb.modelinfo import read_model_info
+def _facts(cfg: RunConfig) -> ModelFacts:
+    """The run's one setup pass over its model: each fact read once, handed to every check."""
+    return ModelFacts(cfg.engine.model, cfg.engine.revision, cfg.engine.trust_remote_code)
 
-    if not os.path.isdir(cfg.engine.model):
+
+def _check_context(cfg: RunConfig, max_tokens: int, facts: ModelFacts) -> None:
+    """--max-tokens must leave room for a prompt (from the config, before loading)."""
+    if not facts.local:
         return  # a hub id: checked once the engine has the config
-    info = read_model_info(cfg.engine.model, cfg.engine.revision, cfg.engine.trust_remote_code)
-    ctx = cfg.engine.max_model_len or info.max_position_embeddings
+    ctx = cfg.engine.max_model_len or facts.info.max_position_embeddings
     if ctx and max_tokens >= ctx:
         raise UsageError(f"--max-tokens {max_tokens} leaves no room for a prompt in a "
                          f"{ctx}-token context: lower it, or raise --max-model-len")
@@ -225,55 +265,42 @@ def feedback(
     """Judge each response with a generative feedback model: `feedback` (text),
     `feedback_level` (1-5), `feedback_label`; with samples > 1 also the per-sample lists and
     the mean level. Resumes an interrupted run with the same settings."""
+    opts = RunOptions.of(locals())
     log = log or (lambda _m: None)
     sampling = _sampling(engine, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                          seed=seed, samples=samples,
                          regex=CONSTRAINED_REGEX if constrain_level else None)
-    cfg = _run_config(
-        inputs, output, model=model, revision=revision, prompt_field=prompt_field,
-        response_field=response_field, responses_field=responses_field,
-        messages_field=messages_field, limit=limit,
-        shard=shard, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-        gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
-        trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
-        max_in_flight=max_in_flight, batch_rows=batch_rows, engine=engine,
-        ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
-        prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
-        engine_restarts=engine_restarts, stall_timeout=stall_timeout,
-        enable_prefix_caching=True if samples > 1 else None, too_long=too_long,
-        max_line_bytes=max_line_bytes, data_parallel=data_parallel, log=log)
-    _check_context(cfg, max_tokens)
-    task = FeedbackTask(sampling, recipe=_recipe("feedback", model, cfg.engine.model, None, log))
-    return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log)
+    cfg = _run_config(inputs, output, opts,
+                      enable_prefix_caching=True if samples > 1 else None, log=log)
+    facts = _facts(cfg)
+    _check_context(cfg, max_tokens, facts)
+    task = FeedbackTask(sampling, recipe=_recipe("feedback", facts, None, log))
+    return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log, facts)
 
 
 def _go(cfg: RunConfig, task, dry_run: bool, card: bool, progress: Progress | None,
-        log: Callable[[str], None]):
-    """Run the task (or, with dry_run, plan it: `nfb.dryrun.DryRunResult`, no engine);
+        log: Callable[[str], None], facts: ModelFacts):
+    """Run the task (or, with dry_run, plan it: `nfb.run.dryrun.DryRunResult`, no engine);
     with card, write the dataset card beside the finished output."""
     if dry_run:
-        from nfb.dryrun import dry_run as plan
-        return plan(cfg, task, log=log)
+        from nfb.run.dryrun import dry_run as plan
+        return plan(cfg, task, log=log, facts=facts)
     if card:
-        from nfb.card import check_card
+        from nfb.verbs.card import check_card
         check_card(cfg.output)
     result = run(cfg, task, progress=progress, log=log)
     if card:
-        from nfb.card import write_card
+        from nfb.verbs.card import write_card
         result.card = write_card(cfg.output)
         log(f"dataset card: {result.card}")
     return result
 
 
-def _recipe(verb: str, name: str, model_dir: str, recipe: str | None,
-            log: Callable[[str], None]):
+def _recipe(verb: str, facts: ModelFacts, recipe: str | None, log: Callable[[str], None]):
     """The model's recipe for `nfb VERB` (recorded in the provenance), or None."""
-    from nfb.tasks.build import resolve_recipe
+    from nfb.run.setup import resolve_recipe
 
-    found, how = resolve_recipe(model_dir if os.path.isdir(model_dir) else name, recipe, verb)
-    if found is not None:
-        log(f"recipe {found.name} ({how}): {found.card}")
-    return found
+    return resolve_recipe(facts, recipe, verb, log=log)
 
 
 def judge(
@@ -312,6 +339,7 @@ def judge(
     The Principle GenRM (nvidia/Qwen3-Nemotron-32B-GenRM-Principle) takes `principle` (or
     `principle_field`) and writes `reward`; its sampling defaults are NeMo-RL's (greedy, 200
     tokens)."""
+    opts = RunOptions.of(locals())
     from nfb.tasks.judge import VOTES, JudgeTask
 
     log = log or (lambda _m: None)
@@ -323,24 +351,16 @@ def judge(
         raise UsageError(f"--votes {votes!r}: use {' or '.join(VOTES)}")
     if principle is not None and not str(principle).strip():
         raise UsageError("--principle is empty")
-    cfg = _run_config(
-        inputs, output, model=model, revision=revision, prompt_field=prompt_field,
-        response_field=names, messages_field=messages_field, limit=limit,
-        shard=shard, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-        gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
-        trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
-        max_in_flight=max_in_flight, batch_rows=batch_rows, engine=engine,
-        ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
-        prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
-        engine_restarts=engine_restarts, stall_timeout=stall_timeout,
-        data_parallel=data_parallel,
-        # a GenRM template puts its long instructions before every conversation
-        enable_prefix_caching=True, too_long=too_long, max_line_bytes=max_line_bytes, log=log)
-    found = _judge_recipe(model, cfg.engine.model, recipe, len(names), log)
+    # a GenRM template puts its long instructions before every conversation
+    cfg = _run_config(inputs, output, replace(opts, response_field=names),
+                      enable_prefix_caching=True, log=log)
+    facts = _facts(cfg)
+    found = _judge_recipe(model, facts, recipe, len(names), log)
     if found is not None and found.task == "judge_principle":
-        return _judge_principle(cfg, found, principle=principle, principle_field=principle_field,
-                                names=names, samples=samples, votes=votes, temperature=temperature,
-                                top_p=top_p, max_tokens=max_tokens, seed=seed, engine=engine,
+        return _judge_principle(cfg, found, facts, principle=principle,
+                                principle_field=principle_field, names=names, samples=samples,
+                                votes=votes, temperature=temperature, top_p=top_p,
+                                max_tokens=max_tokens, seed=seed, engine=engine,
                                 dry_run=dry_run, card=card, progress=progress, log=log)
     if principle is not None or principle_field is not None:
         raise UsageError("--principle and --principle-field are for the Principle GenRM "
@@ -350,19 +370,17 @@ def judge(
                          else temperature, top_p=JUDGE_TOP_P if top_p is None else top_p,
                          max_tokens=JUDGE_MAX_TOKENS if max_tokens is None else max_tokens,
                          seed=seed, samples=samples)
-    _check_context(cfg, sampling.max_tokens)
-    _check_judge_template(cfg.engine.model, cfg.engine.revision, cfg.engine.trust_remote_code,
-                          len(names))
+    _check_context(cfg, sampling.max_tokens, facts)
+    _check_judge_template(facts, len(names))
     task = JudgeTask(sampling, fields=tuple(names), recipe=found,
                      context_limit=found.context_limit if found else None, votes=votes)
-    return _go(cfg, task, dry_run, card, progress, log)
+    return _go(cfg, task, dry_run, card, progress, log, facts)
 
 
-def _judge_principle(cfg: RunConfig, found, *, principle, principle_field, names, samples,
-                     votes, temperature, top_p, max_tokens, seed, engine, dry_run, card,
-                     progress, log):
+def _judge_principle(cfg: RunConfig, found, facts: ModelFacts, *, principle, principle_field,
+                     names, samples, votes, temperature, top_p, max_tokens, seed, engine,
+                     dry_run, card, progress, log):
     """`nfb judge` with the Principle GenRM: checks before loading, then the run."""
-    from nfb.modelinfo import read_tokenizer
     from nfb.tasks.principle import (
         GENRM_MAX_TOKENS,
         GENRM_TEMPERATURE,
@@ -384,20 +402,19 @@ def _judge_principle(cfg: RunConfig, found, *, principle, principle_field, names
                          max_tokens=GENRM_MAX_TOKENS if max_tokens is None else max_tokens,
                          seed=seed, samples=samples)
     sampling = replace(sampling, logprobs=TOP_LOGPROBS)
-    _check_context(cfg, sampling.max_tokens)
+    _check_context(cfg, sampling.max_tokens, facts)
     task = PrincipleJudgeTask(sampling, principle=principle, principle_field=principle_field,
                               recipe=found, context_limit=found.context_limit, votes=votes)
-    if os.path.isdir(cfg.engine.model):   # a hub id: checked once the engine has its tokenizer
-        tok = read_tokenizer(cfg.engine.model, cfg.engine.revision, cfg.engine.trust_remote_code)
-        if tok is not None:
-            task.check_tokenizer(tok)
-    return _go(cfg, task, dry_run, card, progress, log)
+    if facts.local:   # a hub id: checked once the engine has its tokenizer
+        if facts.tokenizer is not None:
+            task.check_tokenizer(facts.tokenizer)
+    return _go(cfg, task, dry_run, card, progress, log, facts)
 
 
-def _judge_recipe(name: str, model_dir: str, recipe: str | None, responses: int,
+def _judge_recipe(name: str, facts: ModelFacts, recipe: str | None, responses: int,
                   log: Callable[[str], None]):
     """The GenRM's recipe, or None (generic path); it must judge this many responses."""
-    found = _recipe("judge", name, model_dir, recipe, log)
+    found = _recipe("judge", facts, recipe, log)
     if found is None:
         log(f"note: no nfb recipe for {name}: generic path (its chat template must know the "
             "roles response_1 and response_2); `nfb models` lists the GenRMs nfb knows")
@@ -410,31 +427,27 @@ def _judge_recipe(name: str, model_dir: str, recipe: str | None, responses: int,
     return found
 
 
-def _check_judge_template(model: str, revision: str | None, trust_remote_code: bool,
-                          responses: int) -> None:
+def _check_judge_template(facts: ModelFacts, responses: int) -> None:
     """Before loading, for a local model: its chat template must render the response roles
     (a GenRM's does; another model's drops them or fails, which would judge nothing). A hub
     id's template is checked once the engine has its tokenizer (JudgeTask.check_tokenizer)."""
-    from nfb.modelinfo import read_tokenizer
     from nfb.tasks.judge import check_template
 
-    tok = read_tokenizer(model, revision, trust_remote_code) if os.path.isdir(model) else None
+    tok = facts.tokenizer if facts.local else None
     if tok is None:
         return
     why = check_template(tok, responses)
     if why:
-        raise UsageError(f"{model}: {why}: is this a generative reward model?")
+        raise UsageError(f"{facts.model}: {why}: is this a generative reward model?")
 
 
-def _card_context(cfg: RunConfig, limit: int | None, log: Callable[[str], None]) -> RunConfig:
+def _card_context(cfg: RunConfig, limit: int | None, facts: ModelFacts,
+                  log: Callable[[str], None]) -> RunConfig:
     """A local model whose config.json states no context length runs with its card's (the
     recipe's context_limit) unless --max-model-len is given: transformers would otherwise fill
     in its class default (2,048 for Llama), which would refuse rows the card allows."""
-    from nfb.modelinfo import config_context
-
     model = cfg.engine.model
-    if not limit or cfg.engine.max_model_len or not os.path.isdir(model) \
-            or config_context(model) is not None:
+    if not limit or cfg.engine.max_model_len or not facts.local or facts.context is not None:
         return cfg
     log(f"note: {model}'s config states no context length: the card's {limit:,} tokens")
     return replace(cfg, engine=replace(cfg.engine, max_model_len=limit))
@@ -464,7 +477,8 @@ def score(
 ) -> RunResult:
     """Score each conversation with a reward model: one float column per head (attribute)
     and `reward`, their weighted sum (a scalar model's output is `reward` itself)."""
-    from nfb.tasks.build import score_task
+    opts = RunOptions.of(locals())
+    from nfb.run.setup import score_task
 
     log = log or (lambda _m: None)
     if isinstance(attributes, str):
@@ -472,50 +486,46 @@ def score(
     if weights is not None and not isinstance(weights, str):
         weights = ",".join(f"{k}={v}" for k, v in weights.items()) if isinstance(weights, dict) \
             else ",".join(str(w) for w in weights)
-    cfg = _run_config(
-        inputs, output, model=model, revision=revision, prompt_field=prompt_field,
-        response_field=response_field, responses_field=responses_field,
-        messages_field=messages_field, limit=limit,
-        shard=shard, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-        gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
-        trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
-        max_in_flight=max_in_flight, batch_rows=batch_rows, engine=engine,
-        ray_address=ray_address, replicas=replicas, ray_block_rows=ray_block_rows,
-        prefix=prefix, overwrite=overwrite, checkpoint_every=checkpoint_every,
-        engine_restarts=engine_restarts, stall_timeout=stall_timeout, too_long=too_long,
-        max_line_bytes=max_line_bytes, data_parallel=data_parallel, log=log)
+    cfg = _run_config(inputs, output, opts, log=log)
     if isinstance(principle, str):
         principle = [principle]
     principle = list(principle or [])
     if any(not p.strip() for p in principle):
         raise UsageError("--principle is empty")
+    facts = _facts(cfg)
     task, hf_overrides = score_task(
-        cfg.engine.model, revision=revision, trust_remote_code=trust_remote_code,
-        weights=weights, attributes=list(attributes) if attributes else None,
+        facts, weights=weights, attributes=list(attributes) if attributes else None,
         reward_token=None if reward_token is None else str(reward_token),
         prompt_format=prompt_format, recipe=recipe, principle=principle or None,
         principle_field=principle_field, log=log)
     if hf_overrides:
         cfg = replace(cfg, engine=replace(cfg.engine, hf_overrides=hf_overrides))
-    cfg = _card_context(cfg, getattr(task, "context_limit", None), log)
+    cfg = _card_context(cfg, task.context_limit, facts, log)
     if getattr(task, "principles", None) is not None:
         # every principle of a row repeats the conversation: cache the shared prefix
         cfg = replace(cfg, engine=replace(cfg.engine, enable_prefix_caching=True))
-    return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log)
+    return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log, facts)
+
+
+_LAZY = {   # name -> (module, attribute): what needs more than pyarrow loads on first use
+    "pairs": ("nfb.verbs.pairs", "pairs"),
+    "evaluate": ("nfb.verbs.evaluate", "evaluate"),
+    "report": ("nfb.verbs.report", "report"),
+    "convert": ("nfb.models.nemo", "convert_nemo"),
+    "prepare_demo": ("nfb.models.demo", "prepare_demo"),      # `nfb demo`, `--model demo`
+    "RECIPES": ("nfb.models.recipes", "RECIPES"),              # the model table (`nfb models`)
+    "recipe_table": ("nfb.models.recipes", "table"),
+    "RECIPE_VERBS": ("nfb.run.setup", "VERBS"),                # recipe task -> nfb command
+    "STATS_QUANTILES": ("nfb.verbs.stats", "QNAMES"),
+    "FEEDBACK_LABELS": ("nfb.tasks.feedback", "LABELS"),    # level -> its word
+}
 
 
 def __getattr__(name: str):
-    """The verbs that need more than pyarrow load on first use."""
-    if name == "pairs":
-        from nfb.pairs import pairs
-        return pairs
-    if name == "evaluate":
-        from nfb.evaluate import evaluate
-        return evaluate
-    if name == "report":
-        from nfb.report import report
-        return report
-    if name == "convert":
-        from nfb.models.nemo import convert_nemo
-        return convert_nemo
+    """The verbs, the model table and the constants the CLI shows, loaded on first use."""
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'nfb.api' has no attribute {name!r}")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import sample_rows, write_jsonl
 
-from nfb.tasks.reward import PRESETS, STEERLM_ATTRIBUTES
+from nfb.models.steerlm import STEERLM_ATTRIBUTES
+from nfb.tasks.reward import PRESETS
 
 W = ["--weights", "llama3-70b-steerlm"]   # a 9-head model no recipe names needs its weights
 F32 = ["--dtype", "float32"]

@@ -23,7 +23,7 @@ from test_faults import engine_procs, parts, start, wait_for
 import nfb
 from nfb.engines.replicas import Balancer, ReplicaSet, plan_replicas
 from nfb.errors import EngineDied, Interrupted, UsageError
-from nfb.pipeline import Progress
+from nfb.run.pipeline import Progress
 
 # --- the device plan ------------------------------------------------------------------------
 

@@ -81,7 +81,7 @@ def test_dry_run_counts_equal_a_real_run(stub_cli, engines, tiny_tokenizer_model
 
 def test_dry_run_api_and_score_estimate(engines, models, tmp_path):
     import nfb
-    from nfb.dryrun import RATES, count_params
+    from nfb.run.dryrun import RATES, count_params
 
     engines("vllm", _no_engine)
     src = write_jsonl(tmp_path / "in.jsonl", sample_rows(25) + [{"prompt": "p"}])
@@ -111,7 +111,7 @@ def test_dry_run_api_and_score_estimate(engines, models, tmp_path):
 def test_count_params_of_a_causal_lm(tiny_tokenizer_model):
     from transformers import AutoModelForCausalLM
 
-    from nfb.dryrun import count_params
+    from nfb.run.dryrun import count_params
     cfg = orjson.loads((tiny_tokenizer_model / "config.json").read_bytes())
     real = sum(p.numel() for p in
                AutoModelForCausalLM.from_pretrained(tiny_tokenizer_model).parameters())

@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 
 from nfb.errors import UsageError
-from nfb.evaluate import evaluate, figures, pearson, rankdata, spearman
+from nfb.verbs.evaluate import evaluate, figures, pearson, rankdata, spearman
 
 RM = [3.1, 2.0, 0.5, 4.0, 1.2, None, 2.2, 2.2]
 HU = [3, 2, 1, 4, 0, 2, 1, 3]

@@ -7,7 +7,7 @@ import pytest
 
 from nfb.errors import ResumeError
 from nfb.io.writers import atomic_parquet
-from nfb.workdir import ENGINE_FILE, WorkDir
+from nfb.run.workdir import ENGINE_FILE, WorkDir
 
 
 def test_a_workdir_without_finished_parts_is_replaced_by_other_settings(tmp_path):

@@ -139,7 +139,8 @@ def test_score_values_and_bias_from_a_converted_config(stub_cli, tmp_path, src):
     assert meta["task_settings"]["head_bias"] == bias
     from transformers import AutoTokenizer
 
-    from nfb.tasks.reward import PRESETS, STEERLM_ATTRIBUTES
+    from nfb.models.steerlm import STEERLM_ATTRIBUTES
+    from nfb.tasks.reward import PRESETS
     tok = AutoTokenizer.from_pretrained(rm)
     row = t.to_pylist()[0]
     msgs = [{"role": "user", "content": row["prompt"]},

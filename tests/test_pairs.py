@@ -13,7 +13,7 @@ import pytest
 
 from nfb.errors import UsageError
 from nfb.io.writers import read_metadata
-from nfb.pairs import pairs
+from nfb.verbs.pairs import pairs
 
 META = {"model": "rm", "task": "score", "columns": ["nfb_row", "nfb_error", "reward"]}
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nfb.errors import UsageError
-from nfb.report import chart_ids, collect, report
+from nfb.verbs.report import chart_ids, collect, report
 
 ATTRS = ["helpfulness", "correctness", "verbosity"]
 

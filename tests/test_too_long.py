@@ -273,7 +273,7 @@ def test_the_character_bound_never_refuses_a_row_that_fits(tok):
     tokens, multi-byte characters, whitespace)."""
     import random
 
-    from nfb.fit import chars_per_token
+    from nfb.run.fit import chars_per_token
     per = chars_per_token(tok)
     vocab = sorted(tok.get_vocab(), key=len)
     assert per == len(vocab[-1]) == len("<|start_header_id|>")
@@ -287,7 +287,7 @@ def test_the_character_bound_never_refuses_a_row_that_fits(tok):
 
 
 def test_normalizers_the_bound_knows():
-    from nfb.fit import _normalizer_factor
+    from nfb.run.fit import _normalizer_factor
     assert _normalizer_factor(None) == 1
     assert _normalizer_factor({"type": "NFC"}) == 4                 # Qwen's tokenizers
     assert _normalizer_factor({"type": "Sequence", "normalizers": [

@@ -1,8 +1,8 @@
 import pytest
 
+from nfb.models.steerlm import STEERLM_ATTRIBUTES
 from nfb.tasks.reward import (
     PRESETS,
-    STEERLM_ATTRIBUTES,
     WeightsError,
     attribute_names,
     parse_weights,

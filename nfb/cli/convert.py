@@ -1,6 +1,6 @@
 """`nfb convert`: a NeMo reward-model checkpoint -> a Hugging Face directory nfb score runs.
 
-A face over `nfb.models.nemo.convert_nemo`; the progress bar (rich, on stderr) is the only thing
+A face over `nfb.api.convert`; the progress bar (rich, on stderr) is the only thing
 done here.
 """
 
@@ -40,7 +40,7 @@ def convert(
     (memory: the largest tensor plus a chunk). Exit 2: not convertible (checked before any
     weights are read); exit 1: the checkpoint's data is damaged (e.g. a truncated chunk).
     """
-    from nfb.models.nemo import convert_nemo
+    from nfb import api
 
     bar = None  # started on the first tensor written, so errors found first print alone
 
@@ -65,7 +65,7 @@ def convert(
 
     task = None
     try:
-        result = convert_nemo(nemo, output, tokenizer=tokenizer, overwrite=overwrite,
+        result = api.convert(nemo, output, tokenizer=tokenizer, overwrite=overwrite,
                               progress=None if quiet else advance)
     finally:
         if bar is not None:

@@ -56,15 +56,15 @@ def pairs(
     """Chosen/rejected pairs for DPO (TRL's prompt, chosen, rejected, plus both scores and
     the margin), made within each prompt: rewards compare only between responses to the same
     prompt. Ties and null scores never make a pair; the summary counts them."""
-    from nfb.pairs import pairs as run_pairs
-    from nfb.pairs import summary_lines
+    from nfb import api
+    from nfb.cli.printers import pairs_summary
 
     _refuse_existing(output, overwrite)
-    res = run_pairs(inputs, output, group_by=group_by, min_margin=min_margin,
+    res = api.pairs(inputs, output, group_by=group_by, min_margin=min_margin,
                     per_group=per_group, strategy=strategy, score=score, prefix=prefix,
                     prompt_field=prompt_field, response_field=response_field,
                     responses_field=responses_field)
-    for line in summary_lines(res):
+    for line in pairs_summary(res):
         err.print(line, soft_wrap=True, markup=False)
 
 
@@ -102,9 +102,10 @@ def eval_cmd(
     import orjson
     from rich.console import Console
 
-    from nfb.evaluate import evaluate, print_eval
+    from nfb import api
+    from nfb.cli.printers import print_eval
 
-    d = evaluate(inputs, human=human or [], pair=pair or [], human_level=human_level,
+    d = api.evaluate(inputs, human=human or [], pair=pair or [], human_level=human_level,
                  chosen=chosen, rejected=rejected, subset=subset, score=score, prefix=prefix,
                  bootstrap=bootstrap, seed=seed, confidence=confidence)
     if json_out:
@@ -128,8 +129,8 @@ def report(
     """One self-contained HTML page of plots (opens with no network): distributions of the
     reward and attributes, level histogram, reward against length, attribute correlations,
     errors by reason, provenance."""
-    from nfb.report import report as run_report
+    from nfb import api
 
     _refuse_existing(output, overwrite)
-    path = run_report(inputs, output, prefix=prefix, title=title)
+    path = api.report(inputs, output, prefix=prefix, title=title)
     err.print(f"report -> {path}", soft_wrap=True, markup=False)

@@ -5,9 +5,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from nfb import api
 from nfb.cli.app import app, err, handle, with_options
 from nfb.errors import EXIT_ROW_ERRORS
-from nfb.tasks import judge as genrm
 
 _IN, _MODEL, _ENGINE, _OUT, _SAMPLING, _REWARD = (
     "Input", "Model", "Engine", "Output", "Sampling", "Reward")
@@ -124,7 +124,7 @@ Output = Annotated[str, typer.Option(
 
 def _run(call, task: str, options: dict) -> None:
     """Call the library with a progress bar; print the summary; --strict's exit code."""
-    from nfb.progress import RichProgress, print_summary
+    from nfb.cli.progress import RichProgress, print_summary
 
     quiet, strict = options.pop("quiet"), options.pop("strict")
     as_json = options.pop("json")
@@ -133,7 +133,7 @@ def _run(call, task: str, options: dict) -> None:
         raise UsageError("--json goes with --dry-run (for a finished run: nfb stats --json)")
     log = (lambda _m: None) if quiet or as_json else (lambda m: err.print(m, soft_wrap=True))
     if options.get("dry_run"):
-        from nfb.progress import print_plan
+        from nfb.cli.progress import print_plan
         plan = call(**options, log=log)
         print_plan(plan, as_json)
         return
@@ -168,7 +168,6 @@ def feedback(
 
     Adds nfb_row, nfb_error, feedback, feedback_level (1-5), feedback_label.
     """
-    from nfb import api
 
     _run(api.feedback, "feedback", dict(
         options, inputs=inputs, output=output, model=model, samples=samples,
@@ -218,7 +217,6 @@ def score(
     Adds nfb_row, nfb_error, one float column per head (e.g. helpfulness ... verbosity) and
     reward (the weighted sum; for a scalar model, its output).
     """
-    from nfb import api
 
     _run(api.score, "score", dict(
         options, inputs=inputs, output=output, model=model, weights=weights,
@@ -233,7 +231,7 @@ def judge(
     inputs: Inputs,
     output: Output,
     model: _opt(str, "Generative reward model (GenRM): hub id or local directory (see `nfb "
-                "models`).", _MODEL) = genrm.DEFAULT_MODEL,
+                "models`).", _MODEL) = api.JUDGE_MODEL,
     recipe: _opt(Optional[str], "Run the model as a known GenRM recipe says (a name from `nfb "
                  "models`, or its hub id), e.g. for a local copy nfb cannot recognise.",
                  _MODEL) = None,
@@ -251,10 +249,10 @@ def judge(
     temperature: _opt(Optional[float], "Sampling temperature (0: greedy) [default: 0.6, "
                       "NVIDIA's GenRM setting; 0 for the Principle GenRM, as NeMo-RL].",
                       _SAMPLING, min=0.0) = None,
-    top_p: _opt(Optional[float], f"Nucleus sampling mass [default: {genrm.TOP_P}; 1 for the "
+    top_p: _opt(Optional[float], f"Nucleus sampling mass [default: {api.JUDGE_TOP_P}; 1 for the "
                 "Principle GenRM].", _SAMPLING, min=0.0, max=1.0) = None,
     max_tokens: _opt(Optional[int], "Most tokens generated per judgement (reasoning included) "
-                     f"[default: {genrm.MAX_TOKENS}; 200 for the Principle GenRM, as "
+                     f"[default: {api.JUDGE_MAX_TOKENS}; 200 for the Principle GenRM, as "
                      "NeMo-RL].", _SAMPLING, min=1) = None,
     seed: _opt(Optional[int], "Seed every request: the same row gives the same judgement, "
                "resumed or not.", _SAMPLING) = None,
@@ -267,7 +265,6 @@ def judge(
     is much better) and preferred (1 or 2). Adds nfb_row, nfb_error, judgement (the text after
     the reasoning) and judge_error (why a judgement could not be read).
     """
-    from nfb import api
 
     _run(api.judge, "judge", dict(
         options, inputs=inputs, output=output, model=model, recipe=recipe, samples=samples,

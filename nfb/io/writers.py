@@ -35,7 +35,7 @@ from nfb.io.parquet import META_KEY, atomic_parquet, fsync_dir
 STDOUT = "-"
 OUTPUT_SUFFIXES = (".parquet", ".pq", ".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 
-__all__ = ["STDOUT", "META_KEY", "OUTPUT_SUFFIXES", "OutputWriter", "PartWriter",
+__all__ = ["STDOUT", "META_KEY", "OUTPUT_SUFFIXES", "OutputWriter", "PartWriter", "StdoutWriter",
            "merge_tables", "read_metadata", "output_format", "sidecar_path", "atomic_parquet",
            "jsonl_lines"]
 
@@ -223,6 +223,23 @@ def merge_tables(path: str, sources: Iterable[Iterable[pa.Table]] | list[str],
             for table in src:
                 writer.write(table)
     return writer.rows
+
+
+class StdoutWriter:
+    """`-o -`: JSONL rows to stdout as soon as they are in order (no checkpoint)."""
+
+    def __init__(self):
+        self._writer: OutputWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._writer = OutputWriter(STDOUT, table.schema, None)
+        self._writer.schema = table.schema  # JSONL: each chunk keeps its own columns
+        self._writer.write(table)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 class PartWriter:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-from nfb.tasks.reward import STEERLM_ATTRIBUTES
+from nfb.models.steerlm import STEERLM_ATTRIBUTES
 
 HF = "https://huggingface.co/"
 
@@ -190,8 +190,10 @@ def by_name(name: str) -> Recipe | None:
     return None
 
 
-def find_recipe(model: str, recipe: str | None = None) -> tuple[Recipe | None, str]:
-    """The recipe for `model` and how it was found ("" when none matched).
+def find_recipe(model: str, recipe: str | None = None, config_json: dict | None = None
+                ) -> tuple[Recipe | None, str]:
+    """The recipe for `model` and how it was found ("" when none matched); `config_json`: the
+    local model's config.json when the caller has read it already.
 
     Raises KeyError for an unknown --recipe name."""
     if recipe:
@@ -203,9 +205,11 @@ def find_recipe(model: str, recipe: str | None = None) -> tuple[Recipe | None, s
     if not os.path.isdir(path):
         r = by_name(model) if model.count("/") == 1 else None
         return (r, "hub id") if r else (None, "")
-    from nfb.modelinfo import read_config_json
+    if config_json is None:
+        from nfb.models.modelinfo import read_config_json
 
-    cfg = read_config_json(path)
+        config_json = read_config_json(path)
+    cfg = config_json
     nfb_key = cfg.get("nfb") if isinstance(cfg.get("nfb"), dict) else {}
     if isinstance(nfb_key.get("recipe"), str) and nfb_key["recipe"] in CONVERTED:
         return by_name(CONVERTED[nfb_key["recipe"]]), "nfb convert"

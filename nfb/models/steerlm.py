@@ -42,6 +42,9 @@ HELPSTEER_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity",
 ALL_STEERLM_ATTRIBUTES = OPEN_ASSISTANT_ATTRIBUTES + HELPSTEER_ATTRIBUTES
 # --- end of verbatim constants ---
 
+# the heads of a SteerLM reward model, in its checkpoints' order: defined here only
+STEERLM_ATTRIBUTES = ALL_STEERLM_ATTRIBUTES
+
 
 def has_system_turn(messages: list[dict]) -> bool:
     """Whether the conversation opens with a `system` turn (which SteerLM leaves out)."""

@@ -15,6 +15,7 @@ import pyarrow as pa
 from nfb.config import SamplingConfig
 from nfb.prompts import Prompt
 from nfb.records import Conversation
+from nfb.tasks.base import Task
 
 DEFAULT_MODEL = "nvidia/Llama-3.3-Nemotron-70B-Feedback"
 
@@ -113,11 +114,12 @@ def feedback_values(texts: list[str] | None, samples: int) -> dict[str, object]:
     return out
 
 
-class FeedbackTask:
+class FeedbackTask(Task):
     """`nfb feedback`: generate an evaluation per row, parse its helpfulness level."""
 
     name = "feedback"
     runner = "generate"
+    tallied = ("feedback_level",)
 
     def __init__(self, sampling: SamplingConfig, instruction: str = EVAL_PROMPT,
                  recipe=None):
@@ -129,7 +131,7 @@ class FeedbackTask:
     def schema(self, prefix: str) -> pa.Schema:
         return self.columns.schema(prefix)
 
-    def prompts(self, conv: Conversation) -> list[Prompt]:
+    def prompts(self, conv: Conversation, row: dict | None = None) -> list[Prompt]:
         return [Prompt(messages=eval_messages(conv, self.instruction),
                        add_generation_prompt=True)]
 
@@ -141,6 +143,11 @@ class FeedbackTask:
 
     def empty_values(self) -> dict:
         return feedback_values(None, self.sampling.samples)
+
+    def tally(self, values: dict):
+        """Rows per feedback level (the first sample's)."""
+        level = values.get("feedback_level")
+        return (("levels", level),) if level is not None else ()
 
     def settings(self) -> dict:
         out = {"prompt": self.instruction, "sampling": self.sampling.settings(), "levels": LEVELS}

@@ -55,6 +55,7 @@ from nfb.config import SamplingConfig
 from nfb.errors import UsageError
 from nfb.prompts import Prompt
 from nfb.records import Conversation
+from nfb.tasks.base import Task
 
 DEFAULT_MODEL = "nvidia/Llama-3_3-Nemotron-Super-49B-GenRM"
 
@@ -362,7 +363,7 @@ SHOWN = "final answer: after the last </think>, 'None' when empty (NeMo Gym, NeM
 PARSER_VERSION = 1   # in the fingerprint: a resumed run never mixes two ways of reading
 
 
-class JudgeTask:
+class JudgeTask(Task):
     """`nfb judge`: a GenRM reasons about one response (helpfulness 1-5) or two (each one's
     helpfulness and a 1-6 ranking), then writes its scores; nfb reads them.
 
@@ -372,6 +373,7 @@ class JudgeTask:
     runner = "generate"
 
     note_texts = {"response_reasoning_left_out": REASONING_NOTE}
+    tallied = ("judge_error",)
 
     def __init__(self, sampling: SamplingConfig, fields: tuple[str, ...] = ("response",),
                  recipe=None, context_limit: int | None = None, votes: str = DEFAULT_VOTES):
@@ -408,7 +410,7 @@ class JudgeTask:
         if why:
             raise UsageError(f"{why}: is this a generative reward model?")
 
-    def prompts(self, conv: Conversation) -> list[Prompt]:
+    def prompts(self, conv: Conversation, row: dict | None = None) -> list[Prompt]:
         judged = conv.alternatives or (conv.response,)
         return [Prompt(messages=judge_messages(conv, judged), add_generation_prompt=True)]
 
@@ -421,6 +423,10 @@ class JudgeTask:
 
     def empty_values(self) -> dict:
         return self.columns.empty()
+
+    def tally(self, values: dict):
+        """Rows with no readable judgement."""
+        return (("unreadable", None),) if values.get("judge_error") is not None else ()
 
     def settings(self) -> dict:
         out = {"responses": {f"response_{i}": f for i, f in enumerate(self.fields, 1)},

@@ -13,9 +13,10 @@ import pyarrow as pa
 
 from nfb.prompts import Prompt
 from nfb.records import Conversation
+from nfb.tasks.base import Task
 
 
-class MultiResponse:
+class MultiResponse(Task):
     """Wraps a one-response task (feedback or score) for rows with several responses."""
 
     def __init__(self, inner, names: tuple[str, ...] = (), list_field: str | None = None):
@@ -27,7 +28,7 @@ class MultiResponse:
         self.name = inner.name
         self.runner = inner.runner
         self.sampling = inner.sampling
-        self.per_response = getattr(inner, "requests_per_conversation", 1)
+        self.per_response = inner.requests_per_conversation
 
     def schema(self, prefix: str) -> pa.Schema:
         inner = self.inner.schema("")
@@ -39,19 +40,18 @@ class MultiResponse:
 
     @property
     def row_fields(self) -> tuple[str, ...]:
-        return tuple(getattr(self.inner, "row_fields", ()))
+        return self.inner.row_fields
 
     def check_row(self, row: dict) -> str | None:
         return self.inner.check_row(row)
 
     @property
     def note_texts(self) -> dict[str, str]:
-        return getattr(self.inner, "note_texts", {})
+        return self.inner.note_texts
 
     def row_notes(self, conv: Conversation) -> tuple[str, ...]:
         """The inner task's notes, once a row (its responses share the conversation)."""
-        notes = getattr(self.inner, "row_notes", None)
-        return notes(conv) if notes is not None else ()
+        return self.inner.row_notes(conv)
 
     def prompts(self, conv: Conversation, row: dict | None = None) -> list[Prompt]:
         out: list[Prompt] = []
@@ -82,6 +82,26 @@ class MultiResponse:
             return {f"{self.list_field}_{key}": None for key in self.inner.schema("").names}
         empty = self.inner.empty_values()
         return {f"{n}_{key}": value for n in self.names for key, value in empty.items()}
+
+    @property
+    def tallied(self) -> tuple[str, ...]:
+        """The inner task's tallied values, under each response's column."""
+        fields = (self.list_field,) if self.list_field else self.names
+        return tuple(f"{n}_{key}" for n in fields for key in self.inner.tallied)
+
+    def tally(self, values: dict):
+        """The inner task's tally of each response's values."""
+        keys = self.inner.tallied
+        if not keys:
+            return
+        if self.list_field:
+            lists = [values.get(f"{self.list_field}_{key}") or [] for key in keys]
+            for i in range(max(map(len, lists), default=0)):
+                yield from self.inner.tally({key: (lst[i] if i < len(lst) else None)
+                                             for key, lst in zip(keys, lists)})
+            return
+        for n in self.names:
+            yield from self.inner.tally({key: values.get(f"{n}_{key}") for key in keys})
 
     def settings(self) -> dict:
         return {**self.inner.settings(),

@@ -15,6 +15,7 @@ import re
 
 from nfb.errors import UsageError
 from nfb.prompts import Prompt
+from nfb.tasks.base import Task
 from nfb.tasks.reward import weighted_reward
 
 _SLUG = re.compile(r"[^a-z0-9]+")
@@ -35,7 +36,7 @@ def principle_columns(principles: list[str]) -> list[str]:
     return names
 
 
-class PrincipleTask:
+class PrincipleTask(Task):
     """`nfb score` with a principle model.
 
     - `principles` (from --principle): the same principles for every row; one column per
@@ -207,7 +208,7 @@ def check_principle_template(tokenizer) -> str | None:
     return None
 
 
-class PrincipleJudgeTask:
+class PrincipleJudgeTask(Task):
     """`nfb judge` with nvidia/Qwen3-Nemotron-32B-GenRM-Principle: the model reasons about
     whether the response satisfies a principle and ends "Final Judgement: Yes/No"; `reward`
     is the card's Yes-minus-No score at that answer (see above).
@@ -216,6 +217,7 @@ class PrincipleJudgeTask:
 
     name = "judge"
     runner = "generate"
+    tallied = ("judge_error",)
 
     def __init__(self, sampling, *, principle: str | None = None,
                  principle_field: str | None = None, recipe=None,
@@ -316,6 +318,10 @@ class PrincipleJudgeTask:
 
     def empty_values(self) -> dict:
         return dict.fromkeys(self.schema("").names)
+
+    def tally(self, values: dict):
+        """Rows with no readable judgement."""
+        return (("unreadable", None),) if values.get("judge_error") is not None else ()
 
     def settings(self) -> dict:
         from nfb.tasks.judge import SHOWN, VOTE_TEXT

@@ -8,12 +8,12 @@ from __future__ import annotations
 import math
 import re
 
+from nfb.models.steerlm import STEERLM_ATTRIBUTES
 from nfb.prompts import Prompt
+from nfb.tasks.base import Task
 
-STEERLM_ATTRIBUTES = (
-    "quality", "toxicity", "humor", "creativity",  # untrained heads in Llama3-70B-SteerLM-RM
-    "helpfulness", "correctness", "coherence", "complexity", "verbosity",  # HelpSteer
-)
+# STEERLM_ATTRIBUTES: quality, toxicity, humor, creativity (untrained heads in
+# Llama3-70B-SteerLM-RM), then HelpSteer's helpfulness .. verbosity
 
 # name -> (weights over STEERLM_ATTRIBUTES, source)
 PRESETS: dict[str, tuple[tuple[float, ...], str]] = {
@@ -133,7 +133,7 @@ SYSTEM_TURN_NOTE = (
     "scored as NVIDIA's code scores it; the summary counts these rows")
 
 
-class ScoreTask:
+class ScoreTask(Task):
     """`nfb score`: raw reward-model heads per row (plus the head bias a converted NeMo model
     carries), and their weighted sum as `reward`.
 
@@ -177,7 +177,7 @@ class ScoreTask:
             return ("system_turn_left_out",)
         return ()
 
-    def prompts(self, conv) -> list[Prompt]:
+    def prompts(self, conv, row: dict | None = None) -> list[Prompt]:
         if self.prompt_format == "steerlm":
             from nfb.models.steerlm import steerlm_prompt
             return [Prompt(text=steerlm_prompt(conv.messages()))]

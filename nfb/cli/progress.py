@@ -18,7 +18,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from nfb.pipeline import RunResult
+from nfb.api import RunResult
 
 
 class RateColumn(ProgressColumn):
@@ -134,7 +134,7 @@ def print_summary(console: Console, result: RunResult, task: str) -> None:
                       "no readable judgement (see judge_error): is --max-tokens too low for the "
                       "reasoning, or is the model not a GenRM?")
     if task == "feedback" and (result.levels or result.rows):
-        from nfb.tasks.feedback import LABELS
+        from nfb.api import FEEDBACK_LABELS as LABELS
         scored = result.rows - result.error_rows
         unparsed = scored - sum(result.levels.values())
         h = Table(title="feedback levels", title_justify="left")

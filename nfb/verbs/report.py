@@ -27,9 +27,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nfb.errors import InputError, UsageError
-from nfb.evaluate import pearson, spearman
-from nfb.pairs import columns_of, detect_shape, is_number, is_number_list, resolve
 from nfb.tasks.feedback import LABELS
+from nfb.verbs.evaluate import pearson, spearman
+from nfb.verbs.scored import (
+    detect_shape,
+    is_number,
+    is_number_list,
+    resolve,
+    score_candidates,
+    unified_schema,
+)
 
 MAX_POINTS = 3000       # points drawn per scatter (a fixed-seed sample); statistics use all
 MAX_MATRIX = 16         # columns in the correlation matrix
@@ -251,14 +258,7 @@ def _lengths(col: pa.ChunkedArray) -> np.ndarray:
 
 def _score_columns(schema: pa.Schema, meta: dict, prefix: str) -> list[str]:
     """Numeric (or list-of-numeric) columns nfb added: the reward, attributes, mean level."""
-    names = schema.names
-    added = [c for c in (meta.get("columns") or []) if c in names]
-    if added:
-        cands = added
-    elif prefix:
-        cands = [c for c in names if c.startswith(prefix)]
-    else:
-        cands = names
+    cands = score_candidates(schema.names, meta, prefix)
     skip = {prefix + "nfb_row", prefix + "feedback_level", prefix + "feedback_levels"}
     return [c for c in cands if c not in skip and not c.endswith("feedback_level")
             and (is_number(schema.field(c).type) or is_number_list(schema.field(c).type))]
@@ -266,9 +266,9 @@ def _score_columns(schema: pa.Schema, meta: dict, prefix: str) -> list[str]:
 
 def collect(files: list[str], prefix: str = "") -> dict:
     """Everything the page shows, read in one streamed pass over the files."""
-    from nfb.io.scored import iter_tables, metadata
+    from nfb.verbs.scored import iter_tables, metadata
 
-    schema = columns_of(files)
+    schema = unified_schema(files)
     names = schema.names
     meta = metadata(files[0]) if files else {}
     err_col, lvl_col = prefix + "nfb_error", prefix + "feedback_level"

@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nfb.errors import UsageError
-from nfb.pairs import SCORE_AUTO, columns_of, is_number, load, resolve
 from nfb.tasks.feedback import LEVELS
+from nfb.verbs.scored import SCORE_AUTO, is_number, load, resolve, unified_schema
 
 Stat = Callable[[np.ndarray, np.ndarray], float]
 
@@ -183,7 +183,7 @@ def evaluate(inputs, *, human: list[str] | str | None = None,
     if not 0 < confidence < 1:
         raise UsageError("--confidence must be between 0 and 1, e.g. 0.95")
     files = resolve(inputs)
-    schema = columns_of(files)
+    schema = unified_schema(files)
     names = schema.names
 
     def need(col: str, what: str) -> str:
@@ -277,55 +277,3 @@ def evaluate(inputs, *, human: list[str] | str | None = None,
             for i, k in enumerate(order):
                 out["pairwise"]["subsets"].append({"subset": k, **acc(arr == i)})
     return out
-
-
-# ----------------------------------------------------------------------------- display
-
-
-def _fmt(f: dict | None, pct: bool = False) -> str:
-    if not f or f.get("value") is None:
-        return "-"
-    v = f["value"] * (100 if pct else 1)
-    s = f"{v:.1f}%" if pct else f"{v:.3f}"
-    if f.get("low") is not None:
-        lo, hi = f["low"] * (100 if pct else 1), f["high"] * (100 if pct else 1)
-        s += f" [{lo:.1f}, {hi:.1f}]" if pct else f" [{lo:.3f}, {hi:.3f}]"
-    return s
-
-
-def print_eval(console, d: dict) -> None:
-    """Rich tables of an evaluate() result (figure [low, high] of the bootstrap interval)."""
-    from rich.table import Table
-
-    ci = f"{d['confidence'] * 100:g}% interval, {d['bootstrap']:,} resamples, seed {d['seed']}" \
-        if d["bootstrap"] else "no intervals (--bootstrap 0)"
-    console.print(f"[bold]nfb eval[/]: {', '.join(d['files'])}: {d['rows']:,} rows ({ci})")
-    if d["attributes"]:
-        t = Table(title="agreement with human labels", title_justify="left")
-        for c in ("model", "human", "n", "skipped", "MAE", "Pearson", "Spearman"):
-            t.add_column(c, justify="left" if c in ("model", "human") else "right")
-        for a in d["attributes"]:
-            t.add_row(a["model"], a["human"], f"{a['n']:,}", f"{a['skipped']:,}",
-                      _fmt(a["mae"]), _fmt(a["pearson"]), _fmt(a["spearman"]))
-        console.print(t)
-    if d["levels"]:
-        t = Table(title="feedback level against human level", title_justify="left")
-        for c in ("model", "human", "n", "skipped", "exact", "within 1", "MAE", "Spearman"):
-            t.add_column(c, justify="left" if c in ("model", "human") else "right")
-        for a in d["levels"]:
-            t.add_row(a["model"], a["human"], f"{a['n']:,}", f"{a['skipped']:,}",
-                      _fmt(a["exact"], True), _fmt(a["within_one"], True), _fmt(a["mae"]),
-                      _fmt(a["spearman"]))
-        console.print(t)
-    p = d["pairwise"]
-    if p:
-        t = Table(title=f"pairwise accuracy: {p['chosen']} > {p['rejected']} (a tie is wrong)",
-                  title_justify="left")
-        for c in ("subset", "pairs", "ties", "skipped", "accuracy"):
-            t.add_column(c, justify="left" if c == "subset" else "right")
-        for s in p["subsets"]:
-            t.add_row(str(s["subset"]), f"{s['n']:,}", f"{s['ties']:,}", f"{s['skipped']:,}",
-                      _fmt(s["accuracy"], True))
-        t.add_row("[bold]all[/]", f"{p['n']:,}", f"{p['ties']:,}", f"{p['skipped']:,}",
-                  _fmt(p["accuracy"], True))
-        console.print(t)

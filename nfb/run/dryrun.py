@@ -23,7 +23,10 @@ import numpy as np
 
 from nfb.config import RunConfig
 from nfb.errors import UsageError
-from nfb.pipeline import Feeder, error_code, prepare
+from nfb.models.modelinfo import ModelFacts
+from nfb.run.collect import error_code
+from nfb.run.feed import Feeder
+from nfb.run.pipeline import prepare
 from nfb.tasks.base import Task
 
 # Efficiency assumed for derived rates (model FLOPs utilisation of vLLM in offline batch
@@ -154,19 +157,20 @@ class DryRunResult:
                 "estimate": self.estimate()}
 
 
-def dry_run(cfg: RunConfig, task: Task, log=lambda _m: None) -> DryRunResult:
-    """Plan `task` over the inputs of `cfg` exactly as `nfb.pipeline.run` would feed it."""
-    from nfb.modelinfo import read_config_json, read_model_info, read_tokenizer
+def dry_run(cfg: RunConfig, task: Task, log=lambda _m: None,
+            facts: ModelFacts | None = None) -> DryRunResult:
+    """Plan `task` over the inputs of `cfg` exactly as `nfb.run.pipeline.run` would feed it
+    (`facts`: what the run's setup read of the model already)."""
 
     t0 = time.monotonic()
     prepare(cfg, task)   # the checks a real run makes first (column clashes)
     eng = cfg.engine
-    tok = read_tokenizer(eng.model, eng.revision, eng.trust_remote_code)
+    facts = facts or ModelFacts(eng.model, eng.revision, eng.trust_remote_code)
+    tok = facts.tokenizer
     if tok is None:
         raise UsageError(f"--dry-run needs the tokenizer of {eng.model!r}: give a local model "
                          "directory, or one in the Hugging Face cache (no weights needed)")
-    info = read_model_info(eng.model, eng.revision, eng.trust_remote_code)
-    max_len = eng.max_model_len or info.max_position_embeddings
+    max_len = eng.max_model_len or facts.info.max_position_embeddings
     if not max_len:
         raise UsageError(f"{eng.model}: its config gives no context length; pass "
                          "--max-model-len")
@@ -175,14 +179,12 @@ def dry_run(cfg: RunConfig, task: Task, log=lambda _m: None) -> DryRunResult:
         raise UsageError(
             f"the model allows {max_len} tokens in all, which leaves no room for a prompt: "
             "lower --max-tokens or raise --max-model-len")
-    check = getattr(task, "check_tokenizer", None)
-    if check is not None:
-        check(tok)
-    sampling = getattr(task, "sampling", None)
+    task.check_tokenizer(tok)
+    sampling = task.sampling
     generate = task.runner == "generate"
     res = DryRunResult(cfg.output, task.name, max_model_len=max_len, prompt_budget=budget,
                        max_tokens=sampling.max_tokens if generate and sampling else 0,
-                       params=count_params(read_config_json(eng.model)),
+                       params=count_params(facts.config_json),
                        gpus=eng.tensor_parallel_size * max(1, eng.replicas))
     samples = sampling.samples if generate and sampling else 0
     feeder = Feeder(cfg, task, tok, np.zeros(0, dtype=bool), budget)

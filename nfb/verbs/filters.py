@@ -1,7 +1,7 @@
 """`nfb filter`: keep rows of scored files with a SQL condition; best-of-n, top-k, rank within
 a group. One DuckDB query over the inputs, streamed into nfb's writer.
 
-Every option compiles to one query over the view `scored` (see nfb.io.scored):
+Every option compiles to one query over the view `scored` (see nfb.verbs.scored):
 
     --min-level L        "feedback_level" >= L
     --max-level L        "feedback_level" <= L
@@ -38,9 +38,18 @@ import orjson
 
 from nfb.errors import UsageError
 from nfb.io.arrow import conform
-from nfb.io.scored import FILE_COL, ROW_COL, VIEW, ScoredView, is_float_type, is_numeric_type, quote
 from nfb.io.writers import OutputWriter, output_format
 from nfb.tasks.feedback import LEVELS
+from nfb.verbs.scored import (
+    FILE_COL,
+    ROW_COL,
+    VIEW,
+    ScoredView,
+    is_float_type,
+    is_numeric_type,
+    nfb_columns,
+    quote,
+)
 
 ConfigError = UsageError
 _WHERE = re.compile(r"\s*([A-Za-z_][\w.\-]*)\s*(>=|<=|==|!=|>|<|=)\s*(\S+)\s*")
@@ -278,17 +287,6 @@ def conditions(view: ScoredView, spec: FilterSpec) -> list[str]:
     return out
 
 
-def nfb_columns(view: ScoredView, prefix: str) -> list[str]:
-    """The columns nfb added: the provenance's `columns` list; without provenance (e.g. a
-    JSONL from a pipe), everything from `nfb_row` on, since nfb appends its columns."""
-    listed = view.meta.get("columns")
-    if listed is not None:
-        return [c for c in listed if c in view.types]
-    names = view.names
-    row = prefix + "nfb_row"
-    return names[names.index(row):] if row in names else []
-
-
 def build_query(view: ScoredView, spec: FilterSpec) -> tuple[str, list[str], list[str]]:
     """(SQL, output columns, columns nfb added to them)."""
     if not view.names:
@@ -299,7 +297,7 @@ def build_query(view: ScoredView, spec: FilterSpec) -> tuple[str, list[str], lis
     conds = conditions(view, spec)
     where = " AND ".join(conds) if conds else "TRUE"
     p = spec.prefix
-    added = nfb_columns(view, p)
+    added = nfb_columns(view.names, view.meta, p)
     cols = [c for c in view.names if not (spec.drop_nfb_columns and c in added)]
     order = f"{FILE_COL}, {ROW_COL}"
     if spec.group_by is None:
@@ -420,7 +418,7 @@ def filter_rows(inputs: list[str] | str, output: str, *, min_level: str | int | 
                 warn: Callable[[str], None] | None = None) -> FilterResult:
     """`nfb filter` as one call: write the kept rows of `inputs` to `output`.
     Returns (rows read, rows kept). `warn` receives advice (default: Python warnings)."""
-    from nfb.io.scored import scored_files
+    from nfb.verbs.scored import resolve
 
     output = __import__("os").fspath(output)
     try:
@@ -434,14 +432,6 @@ def filter_rows(inputs: list[str] | str, output: str, *, min_level: str | int | 
                       drop_nfb_columns=drop_nfb_columns, prefix=prefix)
     from nfb.io.outputs import guarded
 
-    files = scored_files(_paths(inputs), exclude=output)
+    files = resolve(inputs, exclude=output)
     with guarded(output, files):   # never over an input; one writer; a failed write one line
         return run_filter(files, output, spec, warn)
-
-
-def _paths(inputs) -> list[str]:
-    import os
-
-    if isinstance(inputs, (str, os.PathLike)):
-        return [os.fspath(inputs)]
-    return [os.fspath(i) for i in inputs]

@@ -28,127 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nfb.errors import InputError, UsageError
+from nfb.verbs.scored import Shape, detect_shape, load, resolve, unified_schema
 
 STRATEGIES = ("best-worst", "all-pairs")
-SCORE_AUTO = ("reward", "feedback_level_mean", "feedback_level")
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def resolve(inputs, exclude: str | None = None) -> list[str]:
-    from nfb.io.scored import scored_files
-
-    if isinstance(inputs, (str, bytes)) or hasattr(inputs, "__fspath__"):
-        inputs = [inputs]
-    return scored_files([str(i) for i in inputs], exclude=exclude)
-
-
-def columns_of(files: list[str]) -> pa.Schema:
-    from nfb.io.scored import unified_schema
-
-    return unified_schema(files)
-
-
-def load(files: list[str], columns: list[str], schema: pa.Schema) -> pa.Table:
-    """The named columns of all files, concatenated in input order, one schema."""
-    from nfb.io.arrow import conform
-    from nfb.io.scored import iter_tables
-
-    want = pa.schema([schema.field(c) for c in dict.fromkeys(columns)])
-    parts = [conform(t, want) for f in files for t in iter_tables(f, columns=list(want.names))]
-    if not parts:
-        return pa.Table.from_arrays([pa.array([], f.type) for f in want], schema=want)
-    return pa.concat_tables(parts)
-
-
-def is_number(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
-
-
-def is_number_list(t: pa.DataType) -> bool:
-    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and is_number(t.value_type)
-
-
-@dataclass
-class Shape:
-    """Where the responses and their scores are in a scored file.
-
-    kind "row": one response per row (`responses[0]`, `scores[0]`); "fields": several named
-    response columns per row, each with its score column; "list": one list column of
-    responses and its aligned list of scores.
-    """
-
-    kind: str
-    responses: list[str]
-    scores: list[str]
-    score: str          # the score's name without prefix or field, e.g. "reward"
-
-    def describe(self) -> str:
-        if self.kind == "row":
-            return f"one response per row ({self.responses[0]}, {self.scores[0]})"
-        if self.kind == "fields":
-            return "responses in fields " + ", ".join(
-                f"{r} ({s})" for r, s in zip(self.responses, self.scores))
-        return f"a list of responses ({self.responses[0]}, {self.scores[0]})"
-
-
-def detect_shape(schema: pa.Schema, *, prefix: str = "", score: str | None = None,
-                 response_field: list[str] | None = None,
-                 responses_field: str | None = None) -> Shape:
-    """Find the responses and their scores; UsageError when they are not there."""
-    names = set(schema.names)
-    cands = [score] if score else list(SCORE_AUTO)
-    hint = " (use --prefix if the scoring run had one)" if not prefix else ""
-
-    def typ(c):
-        return schema.field(c).type
-
-    if responses_field:
-        if responses_field not in names:
-            raise UsageError(f"--responses-field {responses_field}: no such column")
-        for s in cands:
-            col = f"{prefix}{responses_field}_{s}"
-            if col in names and is_number_list(typ(col)):
-                return Shape("list", [responses_field], [col], s)
-        raise UsageError(f"no list of scores for --responses-field {responses_field} (looked "
-                         f"for {', '.join(f'{prefix}{responses_field}_{s}' for s in cands)})"
-                         + hint)
-    fields = list(response_field or [])
-    if len(fields) >= 2:
-        for s in cands:
-            cols = [f"{prefix}{f}_{s}" for f in fields]
-            if all(c in names and is_number(typ(c)) for c in cols):
-                missing = [f for f in fields if f not in names]
-                if missing:
-                    raise UsageError(f"--response-field {missing[0]}: no such column")
-                return Shape("fields", fields, cols, s)
-        raise UsageError("no score columns for --response-field " + ", ".join(fields)
-                         + f" (looked for {prefix}FIELD_{'|'.join(cands)})" + hint)
-    # one response per row
-    for s in cands:
-        col = prefix + s
-        if col in names and is_number(typ(col)):
-            resp = fields[0] if fields else "response"
-            if resp not in names:
-                raise UsageError(f"--response-field {resp}: no such column (columns: "
-                                 f"{', '.join(schema.names)})")
-            return Shape("row", [resp], [col], s)
-    if fields:
-        raise UsageError(f"no {prefix}{cands[0]} column" + hint)
-    # several responses per row, found by their score columns
-    for s in cands:
-        lists = [c for c in schema.names if f"{prefix}{c}_{s}" in names
-                 and is_number_list(typ(f"{prefix}{c}_{s}"))]
-        if lists:
-            return Shape("list", [lists[0]], [f"{prefix}{lists[0]}_{s}"], s)
-        named = [c for c in schema.names if f"{prefix}{c}_{s}" in names
-                 and is_number(typ(f"{prefix}{c}_{s}"))]
-        if len(named) >= 2:
-            return Shape("fields", named, [f"{prefix}{c}_{s}" for c in named], s)
-    raise UsageError(f"no scores found: no {prefix}{cands[0]} column, nor per-response score "
-                     f"columns (FIELD_{cands[0]}); is this an nfb score or feedback output?"
-                     + hint)
 
 
 def long_form(table: pa.Table, shape: Shape, *, group_col: str | None, prompt_col: str | None,
@@ -359,8 +241,8 @@ def pairs(inputs, output: str, *, group_by: str | None = None, min_margin: float
     - `score`: which score to compare ("reward", "helpfulness", "feedback_level", ...); by
       default reward, else the mean level, else the level.
     """
-    from nfb.io.scored import metadata
     from nfb.io.writers import OutputWriter, output_format
+    from nfb.verbs.scored import metadata
 
     if strategy not in STRATEGIES:
         raise UsageError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
@@ -382,7 +264,7 @@ def pairs(inputs, output: str, *, group_by: str | None = None, min_margin: float
 
     files = resolve(inputs, exclude=str(output))
     check_not_input(str(output), files)
-    schema = columns_of(files)
+    schema = unified_schema(files)
     shape = detect_shape(schema, prefix=prefix, score=score, response_field=response_field,
                          responses_field=responses_field)
     names = schema.names
@@ -430,22 +312,3 @@ def pairs(inputs, output: str, *, group_by: str | None = None, min_margin: float
     except OSError as e:
         raise InputError(f"{output}: cannot write ({e.strerror or e})") from None
     return res
-
-
-def summary_lines(res: PairsResult) -> list[str]:
-    """The summary `nfb pairs` prints on stderr."""
-    lines = [f"{res.pairs:,} pairs from {res.groups_with_pairs:,} of {res.groups:,} groups "
-             f"({res.rows:,} rows, {res.responses:,} responses, score {res.score}) -> "
-             f"{res.output}"]
-    dropped = [
-        (res.ties, "tied pairs dropped (equal scores)"),
-        (res.below_margin, "pairs below --min-margin dropped"),
-        (res.over_per_group, "pairs beyond --per-group dropped"),
-        (res.null_scores, "responses without a score skipped"
-         + (f" ({res.error_rows:,} error rows)" if res.error_rows else "")),
-        (res.small_groups, "groups with fewer than two scored responses skipped"),
-        (res.null_groups, "responses with a null group key skipped"),
-        (res.misaligned_rows, "rows whose responses and scores lists differ in length skipped"),
-    ]
-    lines += [f"  {n:,} {what}" for n, what in dropped if n]
-    return lines

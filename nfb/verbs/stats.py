@@ -13,18 +13,23 @@ import math
 import numpy as np
 
 from nfb.errors import UsageError
-from nfb.io.scored import VIEW, ScoredView, is_float_type, is_numeric_type, quote
 from nfb.tasks.feedback import LABELS
+from nfb.verbs.scored import (
+    VIEW,
+    ScoredView,
+    is_float_type,
+    is_numeric_type,
+    quote,
+    resolve,
+    score_candidates,
+)
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 QNAMES = [f"p{int(p * 100)}" for p in QUANTILES]
 
 
 def _numeric_columns(view: ScoredView, prefix: str) -> list[str]:
-    added = view.meta.get("columns")
-    names = view.names
-    cands = [c for c in added if c in view.types] if added else \
-        [c for c in names if c.startswith(prefix)]
+    cands = score_candidates(view.names, view.meta, prefix)
     skip = {prefix + "nfb_row", prefix + "feedback_level"}
     return [c for c in cands if c not in skip and is_numeric_type(view.types[c])]
 
@@ -165,80 +170,7 @@ def _groups(view: ScoredView, group: str, numeric: list[str], err_col: str | Non
     return [groups[k] for k in order]
 
 
-def print_stats(console, s: dict) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"nfb stats: {', '.join(s['files'])}", show_header=False,
-              title_justify="left")
-    t.add_column(style="bold")
-    t.add_column(justify="right")
-    t.add_row("rows", f"{s['rows']:,}")
-    if s.get("task"):
-        t.add_row("task", s["task"])
-    if s.get("model"):
-        t.add_row("model", s["model"])
-    for k, v in s.get("settings", {}).items():
-        if k != "prompt":
-            t.add_row(k, str(v))
-    t.add_row("rows with errors", f"{s['error_rows']:,}")
-    for code, n in s["errors"].items():
-        t.add_row(f"  {code}", f"{n:,}")
-    console.print(t)
-    if "levels" in s:
-        h = Table(title="feedback levels", title_justify="left")
-        h.add_column("level")
-        h.add_column("rows", justify="right")
-        h.add_column("share", justify="right")
-        scored = max(1, s["rows"] - s["error_rows"])
-        for k, v in s["levels"].items():
-            h.add_row(k, f"{v:,}", f"{100 * v / scored:.1f}%")
-        console.print(h)
-    cols = ["count", "mean", *QNAMES]
-
-    def fmt(q: dict, c: str) -> str:
-        return "-" if q.get(c) is None else f"{q[c]:,}" if c == "count" else f"{q[c]:.3f}"
-
-    if s["quantiles"]:
-        qt = Table(title="quantiles", title_justify="left")
-        qt.add_column("column")
-        for c in cols:
-            qt.add_column(c, justify="right")
-        for name, q in s["quantiles"].items():
-            qt.add_row(name, *[fmt(q, c) for c in cols])
-        console.print(qt)
-    if "groups" in s:
-        gt = Table(title=f"by {s['group_by']}", title_justify="left")
-        gt.add_column(s["group_by"])
-        gt.add_column("rows", justify="right")
-        gt.add_column("errors", justify="right")
-        if any("level_mean" in g for g in s["groups"]):
-            gt.add_column("level mean", justify="right")
-        shown = list(s["quantiles"])[:4]
-        for c in shown:
-            gt.add_column(f"{c} mean", justify="right")
-            gt.add_column(f"{c} p50", justify="right")
-        for g in s["groups"]:
-            cells = [str(g["group"]), f"{g['rows']:,}", f"{g['error_rows']:,}"]
-            if "level_mean" in g:
-                cells.append("-" if g["level_mean"] is None else f"{g['level_mean']:.2f}")
-            for c in shown:
-                q = g["quantiles"].get(c, {})
-                cells += [fmt(q, "mean"), fmt(q, "p50")]
-            gt.add_row(*cells)
-        console.print(gt)
-
-
 def stats(inputs: list[str] | str, *, prefix: str = "", group_by: str | None = None) -> dict:
     """`nfb stats` as one call: the summary dict that `--json` prints."""
-    from nfb.io.scored import scored_files
-
-    files = scored_files(_paths(inputs))
+    files = resolve(inputs)
     return compute_stats(files, prefix, group_by)
-
-
-def _paths(inputs) -> list[str]:
-    import os
-
-    if isinstance(inputs, (str, os.PathLike)):
-        return [os.fspath(inputs)]
-    return [os.fspath(i) for i in inputs]

@@ -56,14 +56,14 @@ def check_card(output: str) -> None:
 
 
 def _stats(output: str, prefix: str) -> dict:
-    from nfb.stats import compute_stats
+    from nfb.verbs.stats import compute_stats
     return compute_stats([output], prefix)
 
 
 def card_metadata(output: str) -> dict:
     """The card's YAML metadata for the finished output."""
-    from nfb.io.scored import file_schema
     from nfb.io.writers import read_metadata
+    from nfb.verbs.scored import file_schema
 
     meta = read_metadata(output) or {}
     settings = meta.get("task_settings") or {}

@@ -9,16 +9,13 @@ unsharded run, so the same command without --shard sees it as complete.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from nfb.errors import MergeError  # noqa: E402
-from nfb.io.arrow import conform, unify_schemas
-from nfb.io.scored import iter_tables, metadata, schema_names, unified_schema
+from nfb.io.kway import kway
 from nfb.io.writers import OutputWriter
+from nfb.verbs.scored import iter_tables, metadata, schema_names, unified_schema
 
 
 def check_shards(files: list[str]) -> tuple[dict, str]:
@@ -54,51 +51,18 @@ def check_shards(files: list[str]) -> tuple[dict, str]:
     return first, (first.get("prefix") or "") + "nfb_row"
 
 
-def _kway(sources: list[Iterator[pa.Table]], row_col: str) -> Iterator[pa.Table]:
-    heads: list[pa.Table | None] = [next(s, None) for s in sources]
-    while True:
-        live = [i for i, h in enumerate(heads) if h is not None]
-        if not live:
-            return
-        cutoff = min(heads[i].column(row_col)[-1].as_py() for i in live)
-        taken = []
-        for i in live:
-            t = heads[i]
-            rows = t.column(row_col).to_numpy()
-            k = int(np.searchsorted(rows, cutoff, side="right"))
-            if k:
-                taken.append(t.slice(0, k))
-            rest = t.slice(k)
-            while rest is not None and len(rest) == 0:
-                rest = next(sources[i], None)
-            heads[i] = rest
-        schema = unify_schemas(t.schema for t in taken)
-        merged = pa.concat_tables([conform(t, schema) for t in taken])
-        yield merged.take(pc.sort_indices(merged, [(row_col, "ascending")]))
-
-
 def merge_outputs(files: list[str], output: str) -> int:
     meta, row_col = check_shards(files)
     for f in files:
         if row_col not in schema_names(f):
             raise MergeError(f"{f} has no {row_col} column")
-    summary = {"rows": 0, "error_rows": 0, "errors": Counter(), "levels": Counter(),
-               "unreadable": 0}
-    for f in files:
-        s = metadata(f).get("summary") or {}
-        summary["rows"] += s.get("rows", 0)
-        summary["error_rows"] += s.get("error_rows", 0)
-        summary["unreadable"] += s.get("unreadable", 0)
-        summary["errors"].update(s.get("errors", {}))
-        summary["levels"].update(s.get("levels", {}))
     out_meta = dict(meta, shard=None, fingerprint=meta["settings_fingerprint"],
                     merged_from=files,
                     verbs=[*(meta.get("verbs") or []), {"verb": "merge", "inputs": files}],
-                    summary={**summary, "errors": dict(summary["errors"]),
-                                                "levels": dict(summary["levels"])})
+                    summary=merged_summary([metadata(f).get("summary") or {} for f in files]))
     last = -1
     with OutputWriter(output, unified_schema(files), out_meta) as writer:
-        for t in _kway([iter_tables(f) for f in files], row_col):
+        for t in kway([iter_tables(f) for f in files], row_col):
             rows = t.column(row_col).to_numpy()
             if rows[0] <= last or (len(rows) > 1 and np.any(np.diff(rows) <= 0)):
                 raise MergeError(f"row {int(rows[0])} appears twice or out of order; "
@@ -108,10 +72,29 @@ def merge_outputs(files: list[str], output: str) -> int:
     return writer.rows
 
 
+# the run's own summary entries a merge leaves out (they describe one shard's invocation)
+_PER_SHARD = ("notes", "data_parallel", "truncated")
+
+
+def merged_summary(summaries: list[dict]) -> dict:
+    """The shards' summaries added up: rows, error rows, errors by reason, and each of the
+    task's counts (`Task.counts`: a number of rows, or rows per value), whatever its name."""
+    out: dict = {"rows": 0, "error_rows": 0, "errors": Counter()}
+    for s in summaries:
+        for name, value in s.items():
+            if name in _PER_SHARD:
+                continue
+            if isinstance(value, dict):
+                out.setdefault(name, Counter()).update(value)
+            elif isinstance(value, (int, float)):
+                out[name] = out.get(name, 0) + value
+    return {k: dict(v) if isinstance(v, Counter) else v for k, v in out.items()}
+
+
 def merge(inputs: list[str] | str, output: str) -> tuple[int, int]:
     """`nfb merge` as one call: join shard outputs into `output`. Returns (files, rows)."""
-    from nfb.io.scored import scored_files
     from nfb.io.writers import output_format
+    from nfb.verbs.scored import resolve
 
     output = __import__("os").fspath(output)
     try:
@@ -120,20 +103,12 @@ def merge(inputs: list[str] | str, output: str) -> tuple[int, int]:
         raise MergeError(str(e)) from None
     from nfb.io.outputs import guarded
 
-    files = scored_files(_paths(inputs), exclude=output)
+    files = resolve(inputs, exclude=output)
     from nfb.io.readers import input_format
-    from nfb.io.scored import _parquet
+    from nfb.verbs.scored import _parquet
 
     for f in files:   # a 0-byte or damaged file: InputError (exit 1), before any check
         if input_format(f) == "parquet":
             _parquet(f)
     with guarded(output, files):   # never over an input; one writer; a failed write one line
         return len(files), merge_outputs(files, output)
-
-
-def _paths(inputs) -> list[str]:
-    import os
-
-    if isinstance(inputs, (str, os.PathLike)):
-        return [os.fspath(inputs)]
-    return [os.fspath(i) for i in inputs]

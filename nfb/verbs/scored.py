@@ -1,5 +1,6 @@
-"""Reading nfb outputs back (filter, stats, merge): streamed tables, provenance, and a DuckDB
-view over all inputs.
+"""The layer every verb stands on: reading nfb outputs back (streamed tables, provenance, a
+DuckDB view over all inputs), a verb's input paths, the columns nfb added, and where the scores
+are (the score column and the responses it belongs to).
 
 `ScoredView` checks every input up front (a 0-byte or damaged Parquet file is an InputError,
 not a traceback), unifies their schemas with nfb's own rules, and opens an in-process DuckDB
@@ -19,10 +20,13 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nfb.errors import UsageError
+from nfb.io.arrow import conform, unify_schemas
 from nfb.io.readers import InputError, input_format, read_chunks, resolve_inputs
 from nfb.io.storage import download, is_url, source
 from nfb.io.writers import read_metadata
@@ -85,7 +89,6 @@ def metadata(path: str) -> dict:
 def file_schema(path: str) -> pa.Schema:
     """One file's schema: the Parquet footer, or every row of a JSONL file (so a key that
     first appears late is seen)."""
-    from nfb.io.arrow import unify_schemas
 
     if input_format(path) == "parquet":
         return _parquet(path).schema_arrow.remove_metadata()
@@ -98,7 +101,6 @@ def schema_names(path: str) -> list[str]:
 
 def unified_schema(files: list[str]) -> pa.Schema:
     """One schema for all rows of `files`: Parquet footers, or a full pass over JSONL."""
-    from nfb.io.arrow import unify_schemas
 
     return unify_schemas(file_schema(f) for f in files)
 
@@ -115,7 +117,7 @@ class ScoredView:
                  memory_limit: str | None = None):
         import duckdb
 
-        from nfb.io.arrow import conform, unify_schemas
+        from nfb.io.arrow import conform
 
         self.files = files
         # DuckDB spills sorts and windows to disk past this; default: DuckDB's (80% of RAM)
@@ -218,3 +220,139 @@ def is_numeric_type(duck_type: str) -> bool:
 
 def is_float_type(duck_type: str) -> bool:
     return duck_type.upper() in ("FLOAT", "DOUBLE")
+
+
+# --- the inputs of a verb ---------------------------------------------------------------------
+
+def paths(inputs) -> list[str]:
+    """A verb's `inputs` (one path or several) as a list of path strings."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [os.fspath(inputs)]
+    return [os.fspath(i) for i in inputs]
+
+
+def resolve(inputs, exclude: str | None = None) -> list[str]:
+    """The scored files a verb reads (globs and folders expanded; never `exclude`)."""
+    return scored_files(paths(inputs), exclude=exclude)
+
+
+# --- the columns nfb added --------------------------------------------------------------------
+
+def nfb_columns(names: list[str], meta: dict, prefix: str) -> list[str]:
+    """The columns nfb added: the provenance's `columns` list; without provenance (e.g. a
+    JSONL from a pipe), everything from `nfb_row` on, since nfb appends its columns."""
+    listed = meta.get("columns")
+    if listed is not None:
+        return [c for c in listed if c in names]
+    row = prefix + "nfb_row"
+    return names[names.index(row):] if row in names else []
+
+
+def score_candidates(names: list[str], meta: dict, prefix: str) -> list[str]:
+    """Where a verb looks for score columns: the provenance's `columns` list, else every column
+    with the prefix (every column without one)."""
+    added = [c for c in (meta.get("columns") or []) if c in names]
+    return added or [c for c in names if c.startswith(prefix)]
+
+
+# --- the score column -------------------------------------------------------------------------
+
+SCORE_AUTO = ("reward", "feedback_level_mean", "feedback_level")   # the score, when none is named
+
+
+def load(files: list[str], columns: list[str], schema: pa.Schema) -> pa.Table:
+    """The named columns of all files, concatenated in input order, one schema."""
+    want = pa.schema([schema.field(c) for c in dict.fromkeys(columns)])
+    parts = [conform(t, want) for f in files for t in iter_tables(f, columns=list(want.names))]
+    if not parts:
+        return pa.Table.from_arrays([pa.array([], f.type) for f in want], schema=want)
+    return pa.concat_tables(parts)
+
+
+def is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+
+def is_number_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and is_number(t.value_type)
+
+
+@dataclass
+class Shape:
+    """Where the responses and their scores are in a scored file.
+
+    kind "row": one response per row (`responses[0]`, `scores[0]`); "fields": several named
+    response columns per row, each with its score column; "list": one list column of
+    responses and its aligned list of scores.
+    """
+
+    kind: str
+    responses: list[str]
+    scores: list[str]
+    score: str          # the score's name without prefix or field, e.g. "reward"
+
+    def describe(self) -> str:
+        if self.kind == "row":
+            return f"one response per row ({self.responses[0]}, {self.scores[0]})"
+        if self.kind == "fields":
+            return "responses in fields " + ", ".join(
+                f"{r} ({s})" for r, s in zip(self.responses, self.scores))
+        return f"a list of responses ({self.responses[0]}, {self.scores[0]})"
+
+
+def detect_shape(schema: pa.Schema, *, prefix: str = "", score: str | None = None,
+                 response_field: list[str] | None = None,
+                 responses_field: str | None = None) -> Shape:
+    """Find the responses and their scores; UsageError when they are not there."""
+    names = set(schema.names)
+    cands = [score] if score else list(SCORE_AUTO)
+    hint = " (use --prefix if the scoring run had one)" if not prefix else ""
+
+    def typ(c):
+        return schema.field(c).type
+
+    if responses_field:
+        if responses_field not in names:
+            raise UsageError(f"--responses-field {responses_field}: no such column")
+        for s in cands:
+            col = f"{prefix}{responses_field}_{s}"
+            if col in names and is_number_list(typ(col)):
+                return Shape("list", [responses_field], [col], s)
+        raise UsageError(f"no list of scores for --responses-field {responses_field} (looked "
+                         f"for {', '.join(f'{prefix}{responses_field}_{s}' for s in cands)})"
+                         + hint)
+    fields = list(response_field or [])
+    if len(fields) >= 2:
+        for s in cands:
+            cols = [f"{prefix}{f}_{s}" for f in fields]
+            if all(c in names and is_number(typ(c)) for c in cols):
+                missing = [f for f in fields if f not in names]
+                if missing:
+                    raise UsageError(f"--response-field {missing[0]}: no such column")
+                return Shape("fields", fields, cols, s)
+        raise UsageError("no score columns for --response-field " + ", ".join(fields)
+                         + f" (looked for {prefix}FIELD_{'|'.join(cands)})" + hint)
+    # one response per row
+    for s in cands:
+        col = prefix + s
+        if col in names and is_number(typ(col)):
+            resp = fields[0] if fields else "response"
+            if resp not in names:
+                raise UsageError(f"--response-field {resp}: no such column (columns: "
+                                 f"{', '.join(schema.names)})")
+            return Shape("row", [resp], [col], s)
+    if fields:
+        raise UsageError(f"no {prefix}{cands[0]} column" + hint)
+    # several responses per row, found by their score columns
+    for s in cands:
+        lists = [c for c in schema.names if f"{prefix}{c}_{s}" in names
+                 and is_number_list(typ(f"{prefix}{c}_{s}"))]
+        if lists:
+            return Shape("list", [lists[0]], [f"{prefix}{lists[0]}_{s}"], s)
+        named = [c for c in schema.names if f"{prefix}{c}_{s}" in names
+                 and is_number(typ(f"{prefix}{c}_{s}"))]
+        if len(named) >= 2:
+            return Shape("fields", named, [f"{prefix}{c}_{s}" for c in named], s)
+    raise UsageError(f"no scores found: no {prefix}{cands[0]} column, nor per-response score "
+                     f"columns (FIELD_{cands[0]}); is this an nfb score or feedback output?"
+                     + hint)

@@ -1,9 +1,15 @@
-"""What nfb reads from a model's config before the engine starts (fast, no weights)."""
+"""What nfb reads from a model's config before the engine starts (fast, no weights).
+
+`ModelFacts` is the one setup pass: a run reads each fact of its model (config.json and its
+`nfb` key, transformers' config, the tokenizer, the generation_config) at most once, and hands
+the object to every check and to the task's build.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 from nfb.errors import (
     ConfigError,
@@ -36,17 +42,67 @@ def check_model_path(model: str) -> None:
                           "in Hugging Face format, or a hub id such as org/name")
 
 
-def read_model_info(model: str, revision: str | None, trust_remote_code: bool) -> ModelInfo:
+class ModelFacts:
+    """What nfb knows of one model before its engine starts, each fact read at most once."""
+
+    def __init__(self, model: str, revision: str | None = None, trust_remote_code: bool = False):
+        self.model = model
+        self.revision = revision
+        self.trust_remote_code = trust_remote_code
+        self.local = os.path.isdir(os.path.expanduser(model))   # else a hub id
+
+    @cached_property
+    def config_json(self) -> dict:
+        """A local model's config.json as it is ({} for a hub id or none to read)."""
+        return read_config_json(self.model) if self.local else {}
+
+    @cached_property
+    def nfb_key(self) -> dict | None:
+        """The `nfb` key `nfb convert` writes, checked (see `check_nfb_key`)."""
+        return check_nfb_key(self.model, self.config_json.get("nfb"))
+
+    @cached_property
+    def hf_config(self):
+        """transformers' config (ModelError when it cannot be read)."""
+        return _hf_config(self.model, self.revision, self.trust_remote_code)
+
+    @cached_property
+    def info(self) -> ModelInfo:
+        return _info(self.hf_config)
+
+    @cached_property
+    def tokenizer(self):
+        """The tokenizer, or None when it cannot be read."""
+        return read_tokenizer(self.model, self.revision, self.trust_remote_code)
+
+    @cached_property
+    def generation_config(self) -> dict:
+        return read_generation_config(self.model) if self.local else {}
+
+    @property
+    def context(self) -> int | None:
+        """The context length config.json itself states (see `config_context`)."""
+        return _stated_context(self.config_json)
+
+
+def _hf_config(model: str, revision: str | None, trust_remote_code: bool):
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(os.path.expanduser(model), revision=revision,
-                                         trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(os.path.expanduser(model), revision=revision,
+                                          trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds
         raise ModelError(
             f"cannot read the config of {model!r}: {str(e).splitlines()[0] if str(e) else e!r}. "
             "Without network, give a local model directory (or one already in the Hugging Face "
             "cache); a model with custom code needs --trust-remote-code.") from None
+
+
+def read_model_info(model: str, revision: str | None, trust_remote_code: bool) -> ModelInfo:
+    return _info(_hf_config(model, revision, trust_remote_code))
+
+
+def _info(cfg) -> ModelInfo:
     archs = tuple(cfg.architectures or ())
     id2label = dict(cfg.id2label) if getattr(cfg, "id2label", None) else None
     num = int(getattr(cfg, "num_labels", 1)) if any(
@@ -83,7 +139,10 @@ def config_context(model: str) -> int | None:
     """The context length a local model's config.json itself states (its text config's
     max_position_embeddings), or None when it states none (transformers would then fill in its
     class default, e.g. 2,048 for Llama, which is no fact about the model)."""
-    cfg = read_config_json(model)
+    return _stated_context(read_config_json(model))
+
+
+def _stated_context(cfg: dict) -> int | None:
     for c in (cfg, cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}):
         value = c.get("max_position_embeddings")
         if isinstance(value, int) and value > 0:
@@ -135,9 +194,13 @@ def read_nfb_key(model: str) -> dict | None:
     """The `nfb` key that `nfb convert` writes into a converted model's config.json, its
     fields nfb acts on checked (a model folder is untrusted input): `head_bias` a list of
     finite numbers, `prompt_format` "chat" or "steerlm", `recipe` a string."""
+    return check_nfb_key(model, read_config_json(model).get("nfb"))
+
+
+def check_nfb_key(model: str, value) -> dict | None:
+    """The `nfb` key's value when it is a dict whose fields check out (ConfigError if not)."""
     import math
 
-    value = read_config_json(model).get("nfb")
     if not isinstance(value, dict):
         return None
     bias, fmt, recipe = value.get("head_bias"), value.get("prompt_format"), value.get("recipe")
@@ -155,9 +218,8 @@ def read_nfb_key(model: str) -> dict | None:
     return value
 
 
-def token_classifier_overrides(model: str, tokens: list[str], trust_remote_code: bool,
-                               revision: str | None = None, method: str = "no_post_processing"
-                               ) -> dict:
+def token_classifier_overrides(facts: ModelFacts, tokens: list[str],
+                               method: str = "no_post_processing") -> dict:
     """vLLM hf_overrides that read a causal LM as a classifier on the logits of `tokens`.
 
     This is vLLM's own route for causal LMs used as scorers (`classifier_from_token`): one
@@ -165,18 +227,17 @@ def token_classifier_overrides(model: str, tokens: list[str], trust_remote_code:
     token's row of lm_head); two tokens with `from_2_way_softmax` give the difference of
     their logits. A token may be given by id ("0"), turned into its string here.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     from nfb.errors import UsageError
 
-    try:
-        cfg = AutoConfig.from_pretrained(os.path.expanduser(model),
-                                         trust_remote_code=trust_remote_code, revision=revision)
-    except Exception as e:  # noqa: BLE001
-        raise ModelError(f"cannot read the config of {model!r}: {e}") from None
+    model, cfg = facts.model, facts.hf_config
     if any(t.isdigit() for t in tokens):  # a token id, e.g. 0 for Llama-3.1-Nemotron-70B-Reward-HF
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(model), revision=revision,
-                                            trust_remote_code=trust_remote_code)
+        tok = facts.tokenizer
+        if tok is None:   # unreadable: transformers' own error says why
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(os.path.expanduser(model),
+                                                revision=facts.revision,
+                                                trust_remote_code=facts.trust_remote_code)
         tokens = [tok.convert_ids_to_tokens(int(t)) if t.isdigit() else t for t in tokens]
     archs = [a.replace("ForCausalLM", "ForSequenceClassification")
              for a in (cfg.architectures or [])]

@@ -1,20 +1,21 @@
 """Build the score task from what the model is: its recipe (nfb.models.recipes), else its
 heads, its names, its prompt format.
 
-Reads only the model's config (no weights). A model nfb knows (by hub id, config name, the
-`nfb` key that `nfb convert` writes, or `--recipe NAME`) is scored as its card says; any other
-model takes the generic path: the chat template and the raw heads, or one token's logit
-(`--reward-token`, vLLM's `classifier_from_token`) for a causal LM.
+Reads only the model's config and tokenizer (no weights), each once, through the run's
+`ModelFacts`; recipe resolution and its log line are here only (`resolve_recipe`). A model nfb
+knows (by hub id, config name, the `nfb` key that `nfb convert` writes, or `--recipe NAME`) is
+scored as its card says; any other model takes the generic path: the chat template and the raw
+heads, or one token's logit (`--reward-token`, vLLM's `classifier_from_token`) for a causal LM.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from nfb.errors import UsageError
+from nfb.models.modelinfo import ModelFacts
+from nfb.models.steerlm import STEERLM_ATTRIBUTES
 from nfb.tasks.reward import (
-    STEERLM_ATTRIBUTES,
     ScoreTask,
     attribute_names,
     parse_weights,
@@ -31,20 +32,23 @@ _KINDS = {"score": "a reward model", "feedback": "a feedback model",
           "judge": "a generative reward model (it reasons, then writes its scores)"}
 
 
-def resolve_recipe(model: str, recipe: str | None, verb: str = "score"):
-    """(Recipe or None, how it was found) for `nfb VERB --model MODEL [--recipe NAME]`.
+def resolve_recipe(facts: ModelFacts, recipe: str | None, verb: str = "score",
+                   log: Callable[[str], None] | None = None):
+    """The Recipe (or None) for `nfb VERB --model MODEL [--recipe NAME]`; says which, and how
+    it was found (the one place that does).
 
     Exit 2 for an unknown --recipe, a known but unsupported model, or a model another verb
     runs (a GenRM given to `nfb score`: the message names `nfb judge`)."""
     from nfb.models.recipes import RECIPES, find_recipe
 
+    model = facts.model
     try:
-        found, how = find_recipe(model, recipe)
+        found, how = find_recipe(model, recipe, facts.config_json if facts.local else None)
     except KeyError:
         raise UsageError(f"--recipe {recipe!r}: unknown; known recipes: "
                          f"{', '.join(r.name for r in RECIPES)} (see `nfb models`)") from None
     if found is None:
-        return None, ""
+        return None
     if not found.supported:
         raise UsageError(f"{found.hub_id} is known but not yet supported by nfb: {found.note} "
                          f"(card: {found.card})")
@@ -52,21 +56,24 @@ def resolve_recipe(model: str, recipe: str | None, verb: str = "score"):
     if runs != verb:
         raise UsageError(f"{found.hub_id} is {_KINDS[runs]}: use `nfb {runs} --model {model}` "
                          f"(card: {found.card})")
-    return found, how
+    if log is not None:
+        log(f"recipe {found.name} ({how}): {found.card}")
+    return found
 
 
-def score_task(model: str, *, revision: str | None, trust_remote_code: bool,
-               weights: str | None, attributes: list[str] | None, reward_token: str | None,
+def score_task(facts: ModelFacts, *, weights: str | None, attributes: list[str] | None,
+               reward_token: str | None,
                prompt_format: str | None, recipe: str | None = None,
                principle: list[str] | None = None, principle_field: str | None = None,
                log: Callable[[str], None] | None = None):
-    """The task for `model` and the vLLM hf_overrides it needs (or None)."""
-    from nfb.modelinfo import read_model_info, read_nfb_key, token_classifier_overrides
+    """The task for the model and the vLLM hf_overrides it needs (or None)."""
+    from nfb.models.modelinfo import token_classifier_overrides
 
+    model = facts.model
     log = log or (lambda _m: None)
     if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
         raise UsageError(f"--prompt-format {prompt_format!r}: use {' or '.join(PROMPT_FORMATS)}")
-    found, how = resolve_recipe(model, recipe)
+    found = resolve_recipe(facts, recipe, log=log)
     principled = bool(principle) or bool(principle_field)
     if found is None:
         if principled:
@@ -75,7 +82,6 @@ def score_task(model: str, *, revision: str | None, trust_remote_code: bool,
                              "no principles (pass --recipe if it is a copy of that model)")
         pass   # the note is written once the task is known: what nfb applies, and why
     else:
-        log(f"recipe {found.name} ({how}): {found.card}")
         if principled and found.task != "principle":
             raise UsageError(f"--principle and --principle-field do not apply to {found.hub_id}: "
                              "it has no principles")
@@ -86,20 +92,19 @@ def score_task(model: str, *, revision: str | None, trust_remote_code: bool,
             raise UsageError(f"--prompt-format {prompt_format} does not fit {found.hub_id}, "
                              f"whose card uses the {found.prompt_format} format")
         if found.task == "principle":
-            return _principle_task(model, found, revision=revision,
-                                   trust_remote_code=trust_remote_code, weights=weights,
+            return _principle_task(facts, found, weights=weights,
                                    attributes=attributes, principle=principle,
                                    principle_field=principle_field, log=log)
         if found.method == "token_logit":
             reward_token = found.tokens[0]
         if found.method == "token_logit":
-            _note_generation_config(model, found, log)
+            _note_generation_config(facts, found, log)
         prompt_format = found.prompt_format
         if weights is None and found.weights:
             weights = found.weights
     parsed = parse_weights(weights) if weights else None
-    info = read_model_info(model, revision, trust_remote_code)
-    converted = read_nfb_key(model) or {}
+    info = facts.info
+    converted = facts.nfb_key or {}
     overrides = None
     if reward_token is not None:
         if info.is_classifier:
@@ -108,8 +113,7 @@ def score_task(model: str, *, revision: str | None, trust_remote_code: bool,
                              f"{model} has a classification head, but the recipe "
                              f"{found.name} reads a token of a causal LM: is this the right "
                              "model?")
-        overrides = token_classifier_overrides(model, [reward_token], trust_remote_code,
-                                               revision)
+        overrides = token_classifier_overrides(facts, [reward_token])
         heads = 1
     elif not info.is_classifier:
         raise UsageError(
@@ -191,9 +195,9 @@ def _generic_note(model: str, converted: dict, given_format: str | None, fmt: st
     return f"{head}: {'; '.join(what)}"
 
 
-def _principle_task(model, found, *, revision, trust_remote_code, weights, attributes,
-                    principle, principle_field, log=lambda _m: None):
-    from nfb.modelinfo import read_model_info, token_classifier_overrides
+def _principle_task(facts: ModelFacts, found, *, weights, attributes, principle,
+                    principle_field, log=lambda _m: None):
+    from nfb.models.modelinfo import token_classifier_overrides
     from nfb.models.recipes import PRINCIPLE_QUESTION
     from nfb.tasks.principle import PrincipleTask, principle_columns
 
@@ -212,45 +216,44 @@ def _principle_task(model, found, *, revision, trust_remote_code, weights, attri
     if weights:
         columns = principle_columns(principle)
         resolved = resolve_weights(parse_weights(weights), columns)
-    info = read_model_info(model, revision, trust_remote_code)
-    if info.is_classifier:
+    model = facts.model
+    if facts.info.is_classifier:
         raise UsageError(f"{model} has a classification head, but the recipe {found.name} "
                          "reads the Yes/No logits of a causal LM: is this the right model?")
-    _check_tokens(model, found, revision, trust_remote_code)
+    _check_tokens(facts, found)
     # W[Yes] - W[No] as one head (vLLM from_2_way_softmax: tokens [false, true])
-    overrides = token_classifier_overrides(model, list(found.tokens), trust_remote_code,
-                                           revision, method="from_2_way_softmax")
-    _note_generation_config(model, found, log)
+    overrides = token_classifier_overrides(facts, list(found.tokens),
+                                           method="from_2_way_softmax")
+    _note_generation_config(facts, found, log)
     task = PrincipleTask(principles=principle, principle_field=principle_field,
                          weights=resolved, question=PRINCIPLE_QUESTION, recipe=found.name,
                          context_limit=found.context_limit)
     return task, overrides
 
 
-def _note_generation_config(model: str, found, log: Callable[[str], None]) -> None:
+def _note_generation_config(facts: ModelFacts, found, log: Callable[[str], None]) -> None:
     """The token-logit cards read generate(..., output_scores=True).scores, which pass through
     the repo's generation_config: greedy (no do_sample), they are the raw logits nfb reads. A
     generation_config that samples would divide them by its temperature and set tokens outside
     its top-k/top-p to -inf (for the card's token 0, nearly always -inf: no reward), so nfb keeps
     the raw logits and says so."""
-    from nfb.modelinfo import read_generation_config, sampling_processors
+    from nfb.models.modelinfo import sampling_processors
 
-    if not os.path.isdir(os.path.expanduser(model)):
+    if not facts.local:
         return   # a hub id: its generation_config is not read before the engine loads
-    changed = sampling_processors(read_generation_config(model))
+    changed = sampling_processors(facts.generation_config)
     if changed:
-        log(f"note: {model}'s generation_config samples ({changed}): the card's generate() "
+        log(f"note: {facts.model}'s generation_config samples ({changed}): the card's generate() "
             "scores would be rescaled and masked by it; nfb reads the raw logits, as a greedy "
             f"generation_config gives them ({found.card})")
 
 
-def _check_tokens(model, found, revision, trust_remote_code) -> None:
+def _check_tokens(facts: ModelFacts, found) -> None:
     """Each token the recipe reads must be one token of the model's vocabulary; on the card's
     own tokenizer (Llama 3's), at the very id the card hard-codes."""
-    from nfb.modelinfo import read_tokenizer
     from nfb.models.recipes import is_llama3_tokenizer
 
-    tok = read_tokenizer(model, revision, trust_remote_code)
+    model, tok = facts.model, facts.tokenizer
     if tok is None:
         return
     if found.card_ids and is_llama3_tokenizer(tok):

@@ -1,0 +1,1 @@
+"""The verbs on scored files: filter, stats, merge, pairs, evaluate, report, card."""

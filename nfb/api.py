@@ -196,9 +196,6 @@ def _sampling(engine: str, **kw) -> SamplingConfig:
         raise UsageError("--temperature must be 0 or more")
     if kw["samples"] < 1 or kw["max_tokens"] < 1:
         raise UsageError("--samples and --max-tokens must be at least 1")
-    if engine == "ray" and kw["samples"] > 1:
-        raise UsageError("--samples > 1 is not available with --engine ray: Ray Data LLM "
-                         "returns one sample per request")
     return SamplingConfig(**kw)
 
 

@@ -65,6 +65,8 @@ class RunResult:
     already_done: bool = False
     card: str | None = None           # the dataset card written beside the output (--card)
     data_parallel: int = 1            # engine replicas that ran (-dp)
+    # --engine ray: replicas, engine loads, rows/s per replica (nfb.engines.ray)
+    cluster: dict | None = None
 
     @property
     def error_rows(self) -> int:
@@ -76,7 +78,8 @@ class RunResult:
                 "levels": {str(k): v for k, v in sorted(self.levels.items())},
                 "unreadable": self.unreadable, "notes": dict(self.notes.most_common()),
                 "data_parallel": self.data_parallel} | (
-                    {} if self.truncated is None else {"truncated": self.truncated})
+                    {} if self.truncated is None else {"truncated": self.truncated}) | (
+                    {} if self.cluster is None else {"cluster": dict(self.cluster)})
 
 
 def error_code(reason: str) -> str:
@@ -501,6 +504,8 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
     engine = _start(engine_factory, wd, progress)
     result.load_seconds = time.monotonic() - t_load
     result.data_parallel = getattr(engine, "data_parallel", 1)
+    if hasattr(engine, "run_counts"):   # Ray: engine loads, replicas (the summary, provenance)
+        result.cluster = engine.run_counts
     restarts = cfg.engine.engine_restarts
     pending_total = total if isinstance(total, Future) else None
     progress.start(None if pending_total else total, result.resumed_rows)
@@ -517,7 +522,12 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
             collector = Collector(task, cfg.prefix, emit_and_report, result,
                                   truncated_column=cfg.too_long != "error", note=progress.note)
             try:
-                _stream_rows(cfg, task, engine, collector, done, sink, poll_total)
+                # an engine that runs the whole row pipeline itself (Ray Data: nfb.engines.ray)
+                stream_rows = getattr(engine, "stream_rows", None)
+                if stream_rows is not None:
+                    stream_rows(cfg, task, collector, done, sink, poll_total)
+                else:
+                    _stream_rows(cfg, task, engine, collector, done, sink, poll_total)
                 break
             except EngineDied as e:
                 if sink is not None:
@@ -584,10 +594,9 @@ def _union(done: np.ndarray, emitted: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _stream_rows(cfg: RunConfig, task: Task, engine: Engine, collector: Collector,
-                 done: np.ndarray, sink: PartWriter | None, poll_total: Callable[[], None]
-                 ) -> None:
-    """Feed every row not yet done through the engine; emit finished chunks in order."""
+def check_budget(task: Task, engine: Engine) -> int:
+    """The prompt budget of `task` on `engine` (exit 2 when none is left), after the task's
+    own tokenizer check."""
     budget = task.prompt_budget(engine.max_model_len)
     if budget <= 0:
         raise UsageError(
@@ -596,6 +605,14 @@ def _stream_rows(cfg: RunConfig, task: Task, engine: Engine, collector: Collecto
     check = getattr(task, "check_tokenizer", None)
     if check is not None:   # e.g. a GenRM's chat template must render the judged responses
         check(engine.tokenizer)
+    return budget
+
+
+def _stream_rows(cfg: RunConfig, task: Task, engine: Engine, collector: Collector,
+                 done: np.ndarray, sink: PartWriter | None, poll_total: Callable[[], None]
+                 ) -> None:
+    """Feed every row not yet done through the engine; emit finished chunks in order."""
+    budget = check_budget(task, engine)
     window = max(1, cfg.engine.max_in_flight)
     max_held = 8 * window + cfg.batch_rows
     feeder = Feeder(cfg, task, engine.tokenizer, done, budget)
@@ -637,65 +654,16 @@ class _Prepared:
     truncated: dict[int, int] = field(default_factory=dict)   # row in chunk -> tokens removed
 
 
-class Feeder:
-    """Reads, validates and tokenizes chunks ahead of the engine, in worker threads.
+class ChunkPreparer:
+    """Validates, renders and length-checks one chunk: the rows not yet done, their error
+    rows, and the token ids of their requests (the Feeder's threads; Ray's CPU workers)."""
 
-    Rendering (chat template) and tokenization are the main cost per row before the engine;
-    a reader thread pulls chunks and hands each to a pool of workers (the Rust tokenizer
-    releases the GIL), so stepping the engine never waits on them. Chunks come out in input
-    order; memory is bounded by `ahead` chunks.
-    """
-
-    def __init__(self, cfg: RunConfig, task: Task, tokenizer, done: np.ndarray, budget: int,
-                 workers: int | None = None, ahead: int | None = None):
-        import queue
-        import threading
-
+    def __init__(self, cfg: RunConfig, task: Task, tokenizer, done: np.ndarray, budget: int):
         self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
         self.done, self.budget = done, budget
         self.fit = Fitter(tokenizer, budget, cfg.too_long)
-        self.workers = workers or max(1, min(4, (os.cpu_count() or 1)))
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nfb-tokenize")
-        self._queue: queue.Queue = queue.Queue(maxsize=ahead or 2 * self.workers + 2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, name="nfb-read", daemon=True)
-        self._thread.start()
 
-    def _put(self, item) -> bool:
-        import queue
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _read(self) -> None:
-        cfg = self.cfg
-        try:
-            for chunk in read_chunks(list(cfg.inputs), cfg.batch_rows, cfg.max_line_bytes):
-                if cfg.limit is not None and chunk.first_row >= cfg.limit:
-                    break
-                if not self._put(self._pool.submit(self._prepare, chunk)):
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            self._put(e)
-            return
-        self._put(None)
-
-    def __iter__(self) -> Iterator[_Prepared]:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            prepared = item.result()
-            if prepared is not None:
-                yield prepared
-
-    def _prepare(self, chunk: Chunk) -> _Prepared | None:
+    def prepare(self, chunk: Chunk) -> _Prepared | None:
         cfg, task = self.cfg, self.task
         rows = np.arange(chunk.first_row, chunk.first_row + len(chunk), dtype=np.int64)
         keep = np.ones(len(rows), dtype=bool)
@@ -787,6 +755,67 @@ class Feeder:
                 requests.append((j, got[0]))
                 truncated[j] = got[1]
         return _Prepared(p, failed, requests, truncated)
+
+
+class Feeder:
+    """Reads, validates and tokenizes chunks ahead of the engine, in worker threads.
+
+    Rendering (chat template) and tokenization are the main cost per row before the engine;
+    a reader thread pulls chunks and hands each to a pool of workers (the Rust tokenizer
+    releases the GIL), so stepping the engine never waits on them. Chunks come out in input
+    order; memory is bounded by `ahead` chunks.
+    """
+
+    def __init__(self, cfg: RunConfig, task: Task, tokenizer, done: np.ndarray, budget: int,
+                 workers: int | None = None, ahead: int | None = None):
+        import queue
+        import threading
+
+        self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
+        self.preparer = ChunkPreparer(cfg, task, tokenizer, done, budget)
+        self.workers = workers or max(1, min(4, (os.cpu_count() or 1)))
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nfb-tokenize")
+        self._queue: queue.Queue = queue.Queue(maxsize=ahead or 2 * self.workers + 2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="nfb-read", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self) -> None:
+        cfg = self.cfg
+        try:
+            for chunk in read_chunks(list(cfg.inputs), cfg.batch_rows, cfg.max_line_bytes):
+                if cfg.limit is not None and chunk.first_row >= cfg.limit:
+                    break
+                if not self._put(self._pool.submit(self._prepare, chunk)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._put(e)
+            return
+        self._put(None)
+
+    def __iter__(self) -> Iterator[_Prepared]:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            prepared = item.result()
+            if prepared is not None:
+                yield prepared
+
+    def _prepare(self, chunk: Chunk) -> _Prepared | None:
+        return self.preparer.prepare(chunk)
 
     def close(self) -> None:
         self._stop.set()

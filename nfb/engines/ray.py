@@ -304,7 +304,7 @@ class RayEngine:
 
         budget = check_budget(task, self)
         samples = task.sampling.samples if task.runner == "generate" else 1
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         new_before = collector.result.new_rows
         ds = self._dataset(cfg, task, done, budget)
         chunks: dict[int, tuple] = {}          # chunk -> (pending, {j: outputs})
@@ -330,8 +330,12 @@ class RayEngine:
                 collector.resolve(p, j, task.parse([list(req) if gen else req[0]
                                                     for req in slots]))
 
+        t_first: float | None = None   # the first result: the engines are loaded by then
         try:
             for batch in self._batches(ds, cfg.engine.stall_timeout):
+                if t_first is None:
+                    t_first = time.monotonic()
+                    collector.result.load_seconds += t_first - t0
                 cols = {n: batch.column(n).to_pylist()
                         for n in ("nfb_chunk", "nfb_j", "nfb_k", "nfb_s", "nfb_head", "nfb_out")}
                 for c, j, k, s, head, out in zip(*cols.values()):
@@ -365,10 +369,13 @@ class RayEngine:
                 sink.flush()
             raise
         finally:
-            seconds = time.monotonic() - t0
+            end = time.monotonic()
+            seconds = end - (t_first if t_first is not None else t0)   # scoring, not loading
             rows = collector.result.new_rows - new_before
             self.run_counts.update(
-                engine_loads=self.engine_loads(), seconds=round(seconds, 3),
+                engine_loads=self.engine_loads(), scoring_seconds=round(seconds, 3),
+                load_seconds=round((t_first or end) - t0, 3),
+                driver_cpu_seconds=round(time.process_time() - cpu0, 3),
                 rows_per_s_per_replica=round(rows / seconds / max(1, self.cfg.replicas), 3)
                 if seconds > 0 else 0.0)
         collector.drain()

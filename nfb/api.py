@@ -94,6 +94,9 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
     if max_line_bytes < 1:
         raise UsageError("--max-line-bytes must be at least 1")
     check_engine(engine)
+    if ray_block_rows is not None:
+        raise UsageError("--ray-block-rows is gone: --engine ray runs one Ray Data pipeline "
+                         "per run, whose engines load once; drop the option")
     if engine != "ray" and (ray_address or replicas != 1):
         raise UsageError("--ray-address and --replicas go with --engine ray")
     model = _resolve_model(model, log)
@@ -113,7 +116,7 @@ def _run_config(inputs, output, *, model: str, revision, prompt_field, response_
         dtype=dtype, trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
         hf_overrides=hf_overrides, enable_prefix_caching=enable_prefix_caching,
         max_in_flight=max_in_flight, backend=engine, ray_address=ray_address,
-        replicas=replicas, ray_block_rows=ray_block_rows, engine_restarts=engine_restarts,
+        replicas=replicas, engine_restarts=engine_restarts,
         stall_timeout=stall_timeout, data_parallel=data_parallel)
     return RunConfig(
         inputs=tuple(files), output=output, engine=engine_cfg,
@@ -211,7 +214,7 @@ def feedback(
     trust_remote_code: bool = False, enforce_eager: bool | None = None,
     max_in_flight: int = 1024, batch_rows: int = 256,
     engine: str = "vllm", ray_address: str | None = None, replicas: int = 1,
-    ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
+    ray_block_rows: int | None = None, engine_restarts: int = 0, stall_timeout: float = 600.0,
     data_parallel: int | str = "auto",
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
@@ -287,7 +290,7 @@ def judge(
     trust_remote_code: bool = False, enforce_eager: bool | None = None,
     max_in_flight: int = 1024, batch_rows: int = 256,
     engine: str = "vllm", ray_address: str | None = None, replicas: int = 1,
-    ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
+    ray_block_rows: int | None = None, engine_restarts: int = 0, stall_timeout: float = 600.0,
     data_parallel: int | str = "auto",
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
@@ -451,7 +454,7 @@ def score(
     trust_remote_code: bool = False, enforce_eager: bool | None = None,
     max_in_flight: int = 1024, batch_rows: int = 256,
     engine: str = "vllm", ray_address: str | None = None, replicas: int = 1,
-    ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
+    ray_block_rows: int | None = None, engine_restarts: int = 0, stall_timeout: float = 600.0,
     data_parallel: int | str = "auto",
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,

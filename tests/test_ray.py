@@ -272,3 +272,6 @@ def test_ray_usage_errors(cli, models, tmp_path):
     r = cli("feedback", src, "-o", tmp_path / "o.parquet", "--model", models["causal"],
             "--replicas", "2")
     assert r.exit_code == 2 and "--engine ray" in r.output
+    r = cli("feedback", src, "-o", tmp_path / "o.parquet", "--model", models["causal"],
+            "--engine", "ray", "--ray-block-rows", "10")
+    assert r.exit_code == 2 and "--ray-block-rows is gone" in r.output

@@ -273,11 +273,14 @@ class RayEngine:
         units = self._units(cfg, done)
         if not units:
             return None
+        # tokenizing is the CPU work: a core per prepare task on a GPU cluster; reading is
+        # lighter, and its different resources keep Ray Data from fusing the two stages, so
+        # the chunks of one file are prepared by many workers at once
         cpus = 1 if self.gpus else 0.25
         ds = ray.data.from_items(units, override_num_blocks=len(units))
         ds = ds.flat_map(read_unit, fn_kwargs=dict(batch_rows=cfg.batch_rows,
                                                    max_line_bytes=cfg.max_line_bytes,
-                                                   limit=cfg.limit), num_cpus=cpus)
+                                                   limit=cfg.limit), num_cpus=cpus / 2)
         ds = ds.map_batches(Prepare(cfg, task, ray.put(done), budget, samples),
                             batch_size=1, batch_format="pyarrow", num_cpus=cpus)
         config = vLLMEngineProcessorConfig(
@@ -408,10 +411,12 @@ class RayEngine:
                 q.put(e)
 
         threading.Thread(target=pull, name="nfb-ray-results", daemon=True).start()
+        first = True   # the engines load before the first result: the watchdog waits for it
         try:
             while True:
                 try:
-                    item = q.get(timeout=stall_timeout)
+                    item = q.get(timeout=None if first else stall_timeout)
+                    first = False
                 except queue.Empty:
                     raise EngineDied(f"no result from the Ray replicas for {stall_timeout:g} s "
                                      "(a stalled replica; see --stall-timeout)") from None

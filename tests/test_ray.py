@@ -87,8 +87,13 @@ def cluster():
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old_path
-        ray.shutdown()
-        c.shutdown()
+        for _ in range(3):   # an abandoned run (the stall test) may connect Ray again
+            ray.shutdown()
+            try:
+                c.shutdown()
+                break
+            except ValueError:
+                continue
         for pid in _ray_pids() - before:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -117,28 +122,44 @@ def inputs(tmp_path_factory):
 
 # --- mechanics: Ray Data's pipeline with a stub in place of the vLLM stage -----------------
 
-def stub_processor(config, preprocess=None, postprocess=None, preprocess_map_kwargs=None,
-                   postprocess_map_kwargs=None):
-    """`build_processor` with the stub engine's answers (tests/stub_engine.py) in place of
-    vLLM: the preprocess and postprocess are nfb's own, run by Ray Data as with vLLM."""
-    import json
+class vLLMEngineStageUDF:   # noqa: N801 - the name nfb counts as an engine actor
+    """The stub engine's answers (tests/stub_engine.py) as Ray Data's engine actor would
+    give them; `stall_from`: rows of that chunk on never answer in time."""
 
-    import numpy as np
+    def __init__(self, model: str, generate: bool, stall_from: int | None):
+        import json
 
-    conf = json.load(open(os.path.join(config.model_source, "config.json")))
-    heads = int(conf.get("num_labels") or 1)
-    generate = config.task_type == "generate"
+        conf = json.load(open(os.path.join(model, "config.json")))
+        self.heads = int(conf.get("num_labels") or 1)
+        self.generate, self.stall_from = generate, stall_from
 
-    def answer(row: dict) -> dict:
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
         from stub_engine import stub_heads, stub_text
-        ids = [int(x) for x in row["tokenized_prompt"]]
-        if generate:
-            return row | {"generated_text": stub_text(ids, int(row["nfb_s"]))}
-        return row | {"embeddings": np.array(stub_heads(ids, heads), dtype=np.float32)}
+
+        ids = [[int(x) for x in t] for t in batch["tokenized_prompt"]]
+        if self.stall_from is not None and max(batch["nfb_chunk"]) >= self.stall_from:
+            time.sleep(10)   # a replica that stops answering
+        if self.generate:
+            batch["generated_text"] = np.array(
+                [stub_text(t, int(s)) for t, s in zip(ids, batch["nfb_s"])], dtype=object)
+        else:
+            batch["embeddings"] = np.array([stub_heads(t, self.heads) for t in ids],
+                                           dtype=np.float32)
+        return batch
+
+
+def stub_processor(config, preprocess=None, postprocess=None, preprocess_map_kwargs=None,
+                   postprocess_map_kwargs=None, stall_from: int | None = None):
+    """`build_processor` with the stub engine in place of vLLM: nfb's preprocess and
+    postprocess, run by Ray Data as with vLLM, around `config.concurrency` stub actors."""
+    generate = config.task_type == "generate"
 
     def run(ds):
         ds = ds.map(preprocess, **(preprocess_map_kwargs or {}))
-        ds = ds.map(answer, num_cpus=0.1)
+        ds = ds.map_batches(vLLMEngineStageUDF, batch_size=4, concurrency=config.concurrency,
+                            num_cpus=0.1, fn_constructor_args=(config.model_source, generate,
+                                                               stall_from))
         return ds.map(postprocess, **(postprocess_map_kwargs or {}))
     return run
 
@@ -162,6 +183,29 @@ def test_ray_pipeline_mechanics_equal_in_process(stub_cli, tiny_tokenizer_model,
         assert r.exit_code == 0, r.output
         same_output(local, remote)
         assert pq.read_table(remote).column("nfb_row").to_pylist() == list(range(22))
+        assert cluster_summary(remote)["engine_loads"] == 2   # the replicas, loaded once
+
+
+def test_ray_stalled_replica_stops_the_run_rows_saved(stub_cli, tiny_tokenizer_model, cluster,
+                                                      inputs, tmp_path, monkeypatch):
+    """A replica that stops answering: the stall watchdog stops the run (exit 1, one line,
+    finished rows saved), and the same command then finishes with the in-process rows."""
+    import functools
+
+    import ray.data.llm
+    common = [*inputs, "--model", str(tiny_tokenizer_model), "--batch-rows", "4",
+              "--max-tokens", "8"]
+    local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    assert stub_cli("feedback", *common, "-o", local).exit_code == 0
+    monkeypatch.setattr(ray.data.llm, "build_processor",
+                        functools.partial(stub_processor, stall_from=16))
+    r = stub_cli("feedback", *common, "-o", remote, *ray_args(cluster), "--stall-timeout", "3")
+    assert r.exit_code == 1, r.output
+    assert "stalled" in r.output and "rows are saved" in r.output and not remote.exists()
+    monkeypatch.setattr(ray.data.llm, "build_processor", stub_processor)
+    r = stub_cli("feedback", *common, "-o", remote, *ray_args(cluster))
+    assert r.exit_code == 0, r.output
+    same_output(local, remote)
 
 
 @pytest.mark.slow

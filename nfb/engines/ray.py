@@ -335,7 +335,7 @@ class RayEngine:
 
         t_first: float | None = None   # the first result: the engines are loaded by then
         try:
-            for batch in self._batches(ds, cfg.engine.stall_timeout):
+            for batch in self._batches(ds, cfg.engine.stall_timeout, self._loaded):
                 if t_first is None:
                     t_first = time.monotonic()
                     collector.result.load_seconds += t_first - t0
@@ -386,9 +386,23 @@ class RayEngine:
             from nfb.errors import RunError
             raise RunError("internal error: rows left unfinished")
 
-    def _batches(self, ds, stall_timeout: float) -> Iterator[pa.Table]:
+    def _loaded(self) -> bool:
+        """Every replica of this run has loaded (its engine actor is alive)."""
+        import ray
+        try:
+            table = ray._private.state.actors()
+        except Exception:  # noqa: BLE001 - then the watchdog waits for a first result
+            return False
+        alive = [a for aid, a in table.items() if aid not in self._actors_before
+                 and ENGINE_CLASS in str(a.get("ActorClassName", ""))
+                 and str(a.get("JobID", "")) == str(self._job) and a.get("State") == "ALIVE"]
+        return len(alive) >= self.cfg.replicas
+
+    def _batches(self, ds, stall_timeout: float, loaded: Callable[[], bool]
+                 ) -> Iterator[pa.Table]:
         """The result batches, pulled by a thread so that the stall watchdog can see a
-        cluster that stopped returning rows (no batch for `stall_timeout` seconds)."""
+        cluster that stopped returning rows: no batch for `stall_timeout` seconds once the
+        replicas have loaded (loading a large model takes minutes, as in-process)."""
         if ds is None:
             return
         q: queue.Queue = queue.Queue(maxsize=8)
@@ -411,15 +425,21 @@ class RayEngine:
                 q.put(e)
 
         threading.Thread(target=pull, name="nfb-ray-results", daemon=True).start()
-        first = True   # the engines load before the first result: the watchdog waits for it
+        since: float | None = None   # the watchdog's clock: from the replicas' load on
         try:
             while True:
+                if since is None and loaded():
+                    since = time.monotonic()
                 try:
-                    item = q.get(timeout=None if first else stall_timeout)
-                    first = False
+                    item = q.get(timeout=1.0)
                 except queue.Empty:
-                    raise EngineDied(f"no result from the Ray replicas for {stall_timeout:g} s "
-                                     "(a stalled replica; see --stall-timeout)") from None
+                    if since is not None and time.monotonic() - since > stall_timeout:
+                        raise EngineDied(f"no result from the Ray replicas for "
+                                         f"{stall_timeout:g} s (a stalled replica; see "
+                                         "--stall-timeout)") from None
+                    continue
+                if since is not None:
+                    since = time.monotonic()
                 if item is None:
                     return
                 if isinstance(item, BaseException):

@@ -34,6 +34,30 @@ from common import ROOT, helpsteer_rows
 BLOCKS = 10
 
 
+class TreeCPU:
+    """CPU seconds of this process's descendants over a run, sampled every 0.2 s (a vLLM
+    engine process dies with its actor, and no parent reaps its time): per process, the
+    last sample less the first (or the whole, for a process new in the run)."""
+
+    def __init__(self):
+        import threading
+        self.first = _tree_cpu(os.getpid())
+        self.last = dict(self.first)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            self.last.update(_tree_cpu(os.getpid()))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.last.update(_tree_cpu(os.getpid()))
+        return sum(v - self.first.get(pid, 0.0) for pid, v in self.last.items())
+
+
 def _tree_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of `pid`'s descendants, each with its reaped children's."""
     import psutil
@@ -60,15 +84,18 @@ def run(cluster, model: Path, src: Path, out: Path, replicas: int) -> dict:
            str(model), "--weights", "llama3-70b-steerlm", "--dtype", "float32", "-q",
            "--overwrite", "--engine", "ray", "--ray-address", cluster.address,
            "--replicas", str(replicas)]
-    before, driver_before = _tree_cpu(os.getpid()), _children_cpu()
+    tree, driver_before = TreeCPU(), _children_cpu()
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver_pid = proc.pid
+    out_text, err_text = proc.communicate()
     wall = time.monotonic() - t0
+    everything = tree.stop()
     if proc.returncode != 0:
-        sys.exit(f"bench_ray: the run failed:\n{proc.stdout}\n{proc.stderr}")
-    driver = _children_cpu() - driver_before
-    after = _tree_cpu(os.getpid())
-    cluster_cpu = sum(v - before.get(pid, 0.0) for pid, v in after.items())
+        sys.exit(f"bench_ray: the run failed:\n{out_text}\n{err_text}")
+    driver = _children_cpu() - driver_before      # the driver, reaped by this process
+    seen_driver = tree.last.get(driver_pid, 0.0)  # its sampled share of `everything`
+    cluster_cpu = everything - seen_driver
     summary = read_metadata(str(out))["summary"]
     c = summary["cluster"]
     return {"replicas": replicas, "rows": summary["rows"], "wall_s": wall,

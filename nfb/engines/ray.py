@@ -287,7 +287,8 @@ class RayEngine:
             model_source=self.cfg.model,
             task_type="generate" if generate else "classify",
             engine_kwargs=self.engine_kwargs,
-            concurrency=self.cfg.replicas,
+            # a fixed pool (an int lets Ray Data autoscale from 1): loads == replicas
+            concurrency=(self.cfg.replicas, self.cfg.replicas),
             batch_size=min(256, max(1, self.cfg.max_in_flight)),
             placement_group_config=self.placement,
             log_engine_metrics=False,
@@ -333,12 +334,9 @@ class RayEngine:
                 collector.resolve(p, j, task.parse([list(req) if gen else req[0]
                                                     for req in slots]))
 
-        t_first: float | None = None   # the first result: the engines are loaded by then
+        self._t_loaded = None   # when every replica had loaded (set by _batches)
         try:
             for batch in self._batches(ds, cfg.engine.stall_timeout, self._loaded):
-                if t_first is None:
-                    t_first = time.monotonic()
-                    collector.result.load_seconds += t_first - t0
                 cols = {n: batch.column(n).to_pylist()
                         for n in ("nfb_chunk", "nfb_j", "nfb_k", "nfb_s", "nfb_head", "nfb_out")}
                 for c, j, k, s, head, out in zip(*cols.values()):
@@ -373,11 +371,13 @@ class RayEngine:
             raise
         finally:
             end = time.monotonic()
-            seconds = end - (t_first if t_first is not None else t0)   # scoring, not loading
+            loaded = self._t_loaded if self._t_loaded is not None else t0
+            collector.result.load_seconds += loaded - t0
+            seconds = end - loaded   # scoring, not loading
             rows = collector.result.new_rows - new_before
             self.run_counts.update(
                 engine_loads=self.engine_loads(), scoring_seconds=round(seconds, 3),
-                load_seconds=round((t_first or end) - t0, 3),
+                load_seconds=round(loaded - t0, 3),
                 driver_cpu_seconds=round(time.process_time() - cpu0, 3),
                 rows_per_s_per_replica=round(rows / seconds / max(1, self.cfg.replicas), 3)
                 if seconds > 0 else 0.0)
@@ -429,9 +429,9 @@ class RayEngine:
         try:
             while True:
                 if since is None and loaded():
-                    since = time.monotonic()
+                    since = self._t_loaded = time.monotonic()
                 try:
-                    item = q.get(timeout=1.0)
+                    item = q.get(timeout=0.25 if since is None else 1.0)
                 except queue.Empty:
                     if since is not None and time.monotonic() - since > stall_timeout:
                         raise EngineDied(f"no result from the Ray replicas for "

@@ -654,16 +654,65 @@ class _Prepared:
     truncated: dict[int, int] = field(default_factory=dict)   # row in chunk -> tokens removed
 
 
-class ChunkPreparer:
-    """Validates, renders and length-checks one chunk: the rows not yet done, their error
-    rows, and the token ids of their requests (the Feeder's threads; Ray's CPU workers)."""
+class Feeder:
+    """Reads, validates and tokenizes chunks ahead of the engine, in worker threads.
 
-    def __init__(self, cfg: RunConfig, task: Task, tokenizer, done: np.ndarray, budget: int):
+    Rendering (chat template) and tokenization are the main cost per row before the engine;
+    a reader thread pulls chunks and hands each to a pool of workers (the Rust tokenizer
+    releases the GIL), so stepping the engine never waits on them. Chunks come out in input
+    order; memory is bounded by `ahead` chunks.
+    """
+
+    def __init__(self, cfg: RunConfig, task: Task, tokenizer, done: np.ndarray, budget: int,
+                 workers: int | None = None, ahead: int | None = None):
+        import queue
+        import threading
+
         self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
         self.done, self.budget = done, budget
         self.fit = Fitter(tokenizer, budget, cfg.too_long)
+        self.workers = workers or max(1, min(4, (os.cpu_count() or 1)))
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nfb-tokenize")
+        self._queue: queue.Queue = queue.Queue(maxsize=ahead or 2 * self.workers + 2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="nfb-read", daemon=True)
+        self._thread.start()
 
-    def prepare(self, chunk: Chunk) -> _Prepared | None:
+    def _put(self, item) -> bool:
+        import queue
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self) -> None:
+        cfg = self.cfg
+        try:
+            for chunk in read_chunks(list(cfg.inputs), cfg.batch_rows, cfg.max_line_bytes):
+                if cfg.limit is not None and chunk.first_row >= cfg.limit:
+                    break
+                if not self._put(self._pool.submit(self._prepare, chunk)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._put(e)
+            return
+        self._put(None)
+
+    def __iter__(self) -> Iterator[_Prepared]:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            prepared = item.result()
+            if prepared is not None:
+                yield prepared
+
+    def _prepare(self, chunk: Chunk) -> _Prepared | None:
         cfg, task = self.cfg, self.task
         rows = np.arange(chunk.first_row, chunk.first_row + len(chunk), dtype=np.int64)
         keep = np.ones(len(rows), dtype=bool)
@@ -756,70 +805,25 @@ class ChunkPreparer:
                 truncated[j] = got[1]
         return _Prepared(p, failed, requests, truncated)
 
-
-class Feeder:
-    """Reads, validates and tokenizes chunks ahead of the engine, in worker threads.
-
-    Rendering (chat template) and tokenization are the main cost per row before the engine;
-    a reader thread pulls chunks and hands each to a pool of workers (the Rust tokenizer
-    releases the GIL), so stepping the engine never waits on them. Chunks come out in input
-    order; memory is bounded by `ahead` chunks.
-    """
-
-    def __init__(self, cfg: RunConfig, task: Task, tokenizer, done: np.ndarray, budget: int,
-                 workers: int | None = None, ahead: int | None = None):
-        import queue
-        import threading
-
-        self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
-        self.preparer = ChunkPreparer(cfg, task, tokenizer, done, budget)
-        self.workers = workers or max(1, min(4, (os.cpu_count() or 1)))
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nfb-tokenize")
-        self._queue: queue.Queue = queue.Queue(maxsize=ahead or 2 * self.workers + 2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, name="nfb-read", daemon=True)
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        import queue
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _read(self) -> None:
-        cfg = self.cfg
-        try:
-            for chunk in read_chunks(list(cfg.inputs), cfg.batch_rows, cfg.max_line_bytes):
-                if cfg.limit is not None and chunk.first_row >= cfg.limit:
-                    break
-                if not self._put(self._pool.submit(self._prepare, chunk)):
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            self._put(e)
-            return
-        self._put(None)
-
-    def __iter__(self) -> Iterator[_Prepared]:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            prepared = item.result()
-            if prepared is not None:
-                yield prepared
-
-    def _prepare(self, chunk: Chunk) -> _Prepared | None:
-        return self.preparer.prepare(chunk)
-
     def close(self) -> None:
         self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ChunkPreparer(Feeder):
+    """The Feeder's preparation of one chunk (`prepare`), without its threads: what Ray's
+    CPU workers run (nfb.engines.ray)."""
+
+    def __init__(self, cfg: RunConfig, task: Task, tokenizer, done: np.ndarray, budget: int):
+        self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
+        self.done, self.budget = done, budget
+        self.fit = Fitter(tokenizer, budget, cfg.too_long)
+
+    def prepare(self, chunk: Chunk) -> _Prepared | None:
+        return self._prepare(chunk)
+
+    def close(self) -> None:
+        pass
 
 
 def _requests(feeder: Feeder, collector: Collector, sink: PartWriter | None

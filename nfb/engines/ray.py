@@ -308,7 +308,7 @@ class RayEngine:
 
         budget = check_budget(task, self)
         samples = task.sampling.samples if task.runner == "generate" else 1
-        t0, cpu0 = time.monotonic(), time.process_time()
+        t0, cpu0, own0 = time.monotonic(), time.process_time(), time.thread_time()
         new_before = collector.result.new_rows
         ds = self._dataset(cfg, task, done, budget)
         chunks: dict[int, tuple] = {}          # chunk -> (pending, {j: outputs})
@@ -378,7 +378,10 @@ class RayEngine:
             self.run_counts.update(
                 engine_loads=self.engine_loads(), scoring_seconds=round(seconds, 3),
                 load_seconds=round(loaded - t0, 3),
+                # the driver process (Ray Data's executor threads included), and of it
+                # nfb's bookkeeping (this thread: chunks in, rows resolved, parts written)
                 driver_cpu_seconds=round(time.process_time() - cpu0, 3),
+                bookkeeping_cpu_seconds=round(time.thread_time() - own0, 3),
                 rows_per_s_per_replica=round(rows / seconds / max(1, self.cfg.replicas), 3)
                 if seconds > 0 else 0.0)
         collector.drain()

@@ -227,7 +227,9 @@ def test_feedback_samples_two_replicas_equal_in_process(cli, models, cluster, in
     samples = t.column("feedback_samples").to_pylist()
     assert all(len(s) == 2 for s, e in zip(samples, errs) if e is None)
     c = cluster_summary(remote)
-    assert c["replicas"] == 2 and c["engine_loads"] == 2 and c["rows_per_s_per_replica"] > 0
+    # loads never exceed the replicas, however many chunks (with 22 rows Ray Data may finish
+    # on the first replica before it starts the second: counted as it happened)
+    assert c["replicas"] == 2 and 1 <= c["engine_loads"] <= 2 and c["rows_per_s_per_replica"] > 0
     assert "engine loads" in r.output and "rows/s per replica" in r.output
 
 

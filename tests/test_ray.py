@@ -24,6 +24,7 @@ pytest.importorskip("ray.data.llm", reason="pip install 'nfb[ray]'")
 ROOT = Path(__file__).resolve().parents[1]
 F32 = ["--dtype", "float32"]
 ENGINE = "vLLMEngineStageUDF"
+N_KILL = 4000   # rows of the kill/node-loss run: long enough to be interrupted twice
 # what legitimately differs between an in-process and a Ray output's provenance
 RUN_ONLY = {"started", "finished", "summary"}
 
@@ -272,9 +273,11 @@ def test_driver_killed_then_worker_node_lost(cli, models, cluster, tmp_path):
     """kill -9 of the driver mid-run, then the same command resumes; while it runs, the node
     of its engine is removed: Ray restarts the engine on the other node and the run
     finishes by itself. Each row once, the rows of an uninterrupted (in-process) run."""
-    src = write_jsonl(tmp_path / "in.jsonl", sample_rows(1500))
-    args = ["score", src, "--model", models["rm9"], "--weights", "llama3-70b-steerlm",
-            "--batch-rows", "16", *F32]
+    rows = sample_rows(N_KILL)
+    per = N_KILL // 8   # 8 files: 8 read tasks whose results come back at different times
+    srcs = [write_jsonl(tmp_path / f"in{i}.jsonl", rows[i * per:(i + 1) * per]) for i in range(8)]
+    args = ["score", *srcs, "--model", models["rm9"], "--weights", "llama3-70b-steerlm",
+            "--batch-rows", "16", "--max-in-flight", "16", *F32]
     local, out = tmp_path / "local.parquet", tmp_path / "ray.parquet"
     assert cli(*args, "-o", local).exit_code == 0
     cmd = [sys.executable, "-m", "nfb", *map(str, args), "-o", str(out), "-q",
@@ -307,7 +310,7 @@ def test_driver_killed_then_worker_node_lost(cli, models, cluster, tmp_path):
         if second.poll() is None:
             second.kill()
     rows = pq.read_table(out).column("nfb_row").to_pylist()
-    assert rows == list(range(1500))      # each row once, in order
+    assert rows == list(range(N_KILL))    # each row once, in order
     same_output(local, out)
     c = cluster_summary(out)
     assert c["replicas"] == 1 and c["engine_loads"] == 2   # the restart after the node loss

@@ -245,6 +245,9 @@ class RayEngine:
         import ray
 
         files = list(cfg.inputs)
+        if "-" in files:   # stdin is the driver's: the workers cannot read it
+            raise UsageError("--engine ray reads input files on the workers: pass files, "
+                             "not '-' (stdin)")
         counts = [0] * len(files)
         if len(files) > 1:
             fn = ray.remote(num_cpus=0.25, max_retries=3)(count_file)

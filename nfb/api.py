@@ -76,7 +76,7 @@ class RunOptions:
     engine: str = "vllm"
     ray_address: str | None = None
     replicas: int = 1
-    ray_block_rows: int = 100_000
+    ray_block_rows: int | None = None
     engine_restarts: int = 0
     stall_timeout: float = 600.0
     data_parallel: int | str = "auto"
@@ -132,6 +132,9 @@ def _run_config(inputs, output, o: RunOptions, *, enable_prefix_caching: bool | 
     if max_line_bytes < 1:
         raise UsageError("--max-line-bytes must be at least 1")
     check_engine(o.engine)
+    if o.ray_block_rows is not None:
+        raise UsageError("--ray-block-rows is gone: --engine ray runs one Ray Data pipeline "
+                         "per run, whose engines load once; drop the option")
     if o.engine != "ray" and (o.ray_address or o.replicas != 1):
         raise UsageError("--ray-address and --replicas go with --engine ray")
     model = _resolve_model(model, log)
@@ -151,7 +154,7 @@ def _run_config(inputs, output, o: RunOptions, *, enable_prefix_caching: bool | 
         dtype=o.dtype, trust_remote_code=o.trust_remote_code, enforce_eager=o.enforce_eager,
         enable_prefix_caching=enable_prefix_caching,
         max_in_flight=o.max_in_flight, backend=o.engine, ray_address=o.ray_address,
-        replicas=o.replicas, ray_block_rows=o.ray_block_rows, engine_restarts=o.engine_restarts,
+        replicas=o.replicas, engine_restarts=o.engine_restarts,
         stall_timeout=o.stall_timeout, data_parallel=data_parallel)
     return RunConfig(
         inputs=tuple(files), output=output, engine=engine_cfg,
@@ -236,9 +239,6 @@ def _sampling(engine: str, **kw) -> SamplingConfig:
         raise UsageError("--temperature must be 0 or more")
     if kw["samples"] < 1 or kw["max_tokens"] < 1:
         raise UsageError("--samples and --max-tokens must be at least 1")
-    if engine == "ray" and kw["samples"] > 1:
-        raise UsageError("--samples > 1 is not available with --engine ray: Ray Data LLM "
-                         "returns one sample per request")
     return SamplingConfig(**kw)
 
 
@@ -254,7 +254,7 @@ def feedback(
     trust_remote_code: bool = False, enforce_eager: bool | None = None,
     max_in_flight: int = 1024, batch_rows: int = 256,
     engine: str = "vllm", ray_address: str | None = None, replicas: int = 1,
-    ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
+    ray_block_rows: int | None = None, engine_restarts: int = 0, stall_timeout: float = 600.0,
     data_parallel: int | str = "auto",
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
@@ -317,7 +317,7 @@ def judge(
     trust_remote_code: bool = False, enforce_eager: bool | None = None,
     max_in_flight: int = 1024, batch_rows: int = 256,
     engine: str = "vllm", ray_address: str | None = None, replicas: int = 1,
-    ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
+    ray_block_rows: int | None = None, engine_restarts: int = 0, stall_timeout: float = 600.0,
     data_parallel: int | str = "auto",
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,
@@ -467,7 +467,7 @@ def score(
     trust_remote_code: bool = False, enforce_eager: bool | None = None,
     max_in_flight: int = 1024, batch_rows: int = 256,
     engine: str = "vllm", ray_address: str | None = None, replicas: int = 1,
-    ray_block_rows: int = 100_000, engine_restarts: int = 0, stall_timeout: float = 600.0,
+    ray_block_rows: int | None = None, engine_restarts: int = 0, stall_timeout: float = 600.0,
     data_parallel: int | str = "auto",
     limit: int | None = None, shard: str | Shard | None = None, prefix: str = "",
     overwrite: bool = False, checkpoint_every: float = 30.0,

@@ -49,7 +49,6 @@ class EngineConfig:
     ray_address: str | None = None
     replicas: int = 1
     data_parallel: int = 1                        # in-process vLLM replicas (resolved -dp)
-    ray_block_rows: int = 100_000
     engine_restarts: int = 0                      # restarts after an engine death, per run
     stall_timeout: float = 600.0                  # seconds without progress = a stalled engine
 

@@ -1,4 +1,19 @@
-"""--engine ray: Ray Data LLM on a local Ray (CPU, one replica) gives the in-process rows."""
+"""--engine ray on a simulated cluster (a head and 2 worker nodes of 1 CPU, CPU vLLM, the tiny
+models): one streaming Ray Data pipeline per run gives the in-process rows, loads each
+replica once, and survives a killed driver and a lost worker node.
+
+Each Ray run loads its engines (30-70 s on this machine), so the runs are few and each checks
+several things. The references are in-process runs of the same command (the shared engines
+of the `cli` fixture)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -6,53 +21,306 @@ from conftest import sample_rows, write_jsonl
 
 pytest.importorskip("ray.data.llm", reason="pip install 'nfb[ray]'")
 
+ROOT = Path(__file__).resolve().parents[1]
 F32 = ["--dtype", "float32"]
+ENGINE = "vLLMEngineStageUDF"
+N_KILL = 4000   # rows of the kill/node-loss run: long enough to be interrupted twice
+# what legitimately differs between an in-process and a Ray output's provenance
+RUN_ONLY = {"started", "finished", "summary"}
 
 
-def same_rows(a, b):
-    ta, tb = pq.read_table(a), pq.read_table(b)
-    assert ta.column_names == tb.column_names
+def same_output(local, remote) -> None:
+    """The same rows, in the same order, with the same columns, types and provenance."""
+    ta, tb = pq.read_table(local), pq.read_table(remote)
+    assert ta.schema.remove_metadata() == tb.schema.remove_metadata()
     for name in ta.column_names:
         va, vb = ta.column(name).to_pylist(), tb.column(name).to_pylist()
-        if name in ("feedback", "nfb_error", "nfb_row", "id", "prompt", "feedback_level"):
+        if pa_float(ta.schema.field(name).type):
+            assert va == pytest.approx(vb, abs=1e-4, nan_ok=True), name
+        else:
             assert va == vb, name
-        elif isinstance(va[0], float):
-            assert va == pytest.approx(vb, abs=1e-4), name
+    from nfb.io.writers import read_metadata
+    ma, mb = read_metadata(str(local)), read_metadata(str(remote))
+    assert {k: v for k, v in ma.items() if k not in RUN_ONLY} == \
+        {k: v for k, v in mb.items() if k not in RUN_ONLY}
+    sa, sb = dict(ma["summary"]), dict(mb["summary"])
+    sb.pop("cluster")
+    sa.pop("data_parallel"), sb.pop("data_parallel")
+    assert sa == sb
 
 
-@pytest.fixture
-def src(tmp_path):
-    rows = sample_rows(20)
+def pa_float(t) -> bool:
+    import pyarrow as pa
+    return pa.types.is_floating(t) or (pa.types.is_list(t) and pa.types.is_floating(t.value_type))
+
+
+def cluster_summary(path) -> dict:
+    from nfb.io.writers import read_metadata
+    return read_metadata(str(path))["summary"]["cluster"]
+
+
+def _ray_pids() -> set[int]:
+    import psutil
+    me = psutil.Process()
+    return {p.pid for p in me.children(recursive=True)}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The one simulated cluster of this module: a head (no CPU: it only coordinates) and two
+    worker nodes of 1 CPU each. Shut down at the end, with anything left killed by pid."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    before = _ray_pids()
+    # the nodes' workers import nfb (this checkout) and, for the stub processor, this module
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    old_path, os.environ["PYTHONPATH"] = os.environ.get("PYTHONPATH"), path
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
+    try:
+        yield c
+    finally:
+        if old_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_path
+        for _ in range(3):   # an abandoned run (the stall test) may connect Ray again
+            ray.shutdown()
+            try:
+                c.shutdown()
+                break
+            except ValueError:
+                continue
+        for pid in _ray_pids() - before:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def ray_args(cluster, replicas: int = 1) -> list[str]:
+    return ["--engine", "ray", "--ray-address", cluster.address, "--replicas", str(replicas)]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Two files (row numbers continue across them), a bad row, a too-long row, and a chunk
+    whose rows all fail (with --batch-rows 4: rows 12-15)."""
+    d = tmp_path_factory.mktemp("rayin")
+    rows = sample_rows(22)
+    for r in rows:
+        r["response2"] = r["response"].replace("short", "long and careful")
     rows[6]["response"] = 42
-    rows[11]["prompt"] = "word " * 3000   # too long for the 4096-token tiny model
-    return write_jsonl(tmp_path / "in.jsonl", rows)
+    rows[9]["prompt"] = "word " * 3000   # too long for the 4096-token tiny model
+    for i in range(12, 16):
+        rows[i]["prompt"] = None
+    return [write_jsonl(d / "a.jsonl", rows[:12]), write_jsonl(d / "b.jsonl", rows[12:])]
 
 
-def test_feedback_on_ray_equals_in_process(cli, models, src, tmp_path):
-    args = ["--model", models["causal"], "--temperature", "0", "--max-tokens", "12", *F32]
+# --- mechanics: Ray Data's pipeline with a stub in place of the vLLM stage -----------------
+
+class vLLMEngineStageUDF:   # noqa: N801 - the name nfb counts as an engine actor
+    """The stub engine's answers (tests/stub_engine.py) as Ray Data's engine actor would
+    give them; `stall_from`: rows of that chunk on never answer in time."""
+
+    def __init__(self, model: str, generate: bool, stall_from: int | None):
+        import json
+
+        conf = json.load(open(os.path.join(model, "config.json")))
+        self.heads = int(conf.get("num_labels") or 1)
+        self.generate, self.stall_from = generate, stall_from
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+        from stub_engine import stub_heads, stub_text
+
+        ids = [[int(x) for x in t] for t in batch["tokenized_prompt"]]
+        if self.stall_from is not None and max(batch["nfb_chunk"]) >= self.stall_from:
+            time.sleep(10)   # a replica that stops answering
+        if self.generate:
+            batch["generated_text"] = np.array(
+                [stub_text(t, int(s)) for t, s in zip(ids, batch["nfb_s"])], dtype=object)
+        else:
+            batch["embeddings"] = np.array([stub_heads(t, self.heads) for t in ids],
+                                           dtype=np.float32)
+        return batch
+
+
+def stub_processor(config, preprocess=None, postprocess=None, preprocess_map_kwargs=None,
+                   postprocess_map_kwargs=None, stall_from: int | None = None):
+    """`build_processor` with the stub engine in place of vLLM: nfb's preprocess and
+    postprocess, run by Ray Data as with vLLM, around `config.concurrency` stub actors."""
+    generate = config.task_type == "generate"
+
+    def run(ds):
+        ds = ds.map(preprocess, **(preprocess_map_kwargs or {}))
+        ds = ds.map_batches(vLLMEngineStageUDF, batch_size=4, concurrency=config.concurrency,
+                            num_cpus=0.1, fn_constructor_args=(config.model_source, generate,
+                                                               stall_from))
+        return ds.map(postprocess, **(postprocess_map_kwargs or {}))
+    return run
+
+
+def test_ray_pipeline_mechanics_equal_in_process(stub_cli, tiny_tokenizer_model, cluster,
+                                                 inputs, tmp_path, monkeypatch):
+    """The Ray pipeline (read per file, prepare in workers, parse in workers or gathered on
+    the driver) gives the in-process rows of the same stub answers: feedback with 3 samples
+    over two files and a chunk of error rows only, and two responses per row."""
+    import ray.data.llm
+    monkeypatch.setattr(ray.data.llm, "build_processor", stub_processor)
+    model = str(tiny_tokenizer_model)
+    for n, args in enumerate((["feedback", "--samples", "3", "--seed", "1"],
+                 ["feedback", "--response-field", "response", "--response-field", "response2"])):
+        common = [*inputs, "--model", model, "--batch-rows", "4", "--max-tokens", "8", *args[1:]]
+        local = tmp_path / f"local{n}.parquet"
+        remote = tmp_path / f"ray{n}.parquet"
+        r = stub_cli(args[0], *common, "-o", local)
+        assert r.exit_code == 0, r.output
+        r = stub_cli(args[0], *common, "-o", remote, *ray_args(cluster, 2))
+        assert r.exit_code == 0, r.output
+        same_output(local, remote)
+        assert pq.read_table(remote).column("nfb_row").to_pylist() == list(range(22))
+        assert cluster_summary(remote)["engine_loads"] == 2   # the replicas, loaded once
+
+
+def test_ray_stalled_replica_stops_the_run_rows_saved(stub_cli, tiny_tokenizer_model, cluster,
+                                                      inputs, tmp_path, monkeypatch):
+    """A replica that stops answering: the stall watchdog stops the run (exit 1, one line,
+    finished rows saved), and the same command then finishes with the in-process rows."""
+    import functools
+
+    import ray.data.llm
+    common = [*inputs, "--model", str(tiny_tokenizer_model), "--batch-rows", "4",
+              "--max-tokens", "8"]
     local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
-    assert cli("feedback", src, "-o", local, *args).exit_code == 0
-    r = cli("feedback", src, "-o", remote, *args, "--engine", "ray", "--replicas", "1",
-            "--ray-block-rows", "10")
+    assert stub_cli("feedback", *common, "-o", local).exit_code == 0
+    monkeypatch.setattr(ray.data.llm, "build_processor",
+                        functools.partial(stub_processor, stall_from=16))
+    r = stub_cli("feedback", *common, "-o", remote, *ray_args(cluster), "--stall-timeout", "3")
+    assert r.exit_code == 1, r.output
+    assert "stalled" in r.output and "rows are saved" in r.output and not remote.exists()
+    monkeypatch.setattr(ray.data.llm, "build_processor", stub_processor)
+    r = stub_cli("feedback", *common, "-o", remote, *ray_args(cluster))
     assert r.exit_code == 0, r.output
-    same_rows(local, remote)
-    errs = pq.read_table(remote).column("nfb_error").to_pylist()
-    assert errs[6] == "bad_type:response" and errs[11].startswith("prompt_too_long")
+    same_output(local, remote)
 
 
-def test_score_on_ray_equals_in_process(cli, models, src, tmp_path):
+@pytest.mark.slow
+def test_feedback_samples_two_replicas_equal_in_process(cli, models, cluster, inputs, tmp_path):
+    """Feedback with --samples 2 (seeded) on 2 replicas: the in-process rows, error rows and
+    provenance; the engines load once each (2 loads), over several files and chunks."""
+    args = [*inputs, "--model", models["causal"], "--temperature", "0.9", "--seed", "5",
+            "--samples", "2", "--max-tokens", "6", "--batch-rows", "4", *F32]
     local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
-    args = ["--model", models["rm9"], "--weights", "llama3-70b-steerlm", *F32]
-    assert cli("score", src, "-o", local, *args).exit_code == 0
-    r = cli("score", src, "-o", remote, *args, "--engine", "ray")
+    assert cli("feedback", *args, "-o", local).exit_code == 0
+    r = cli("feedback", *args, "-o", remote, *ray_args(cluster, 2))
     assert r.exit_code == 0, r.output
-    same_rows(local, remote)
+    same_output(local, remote)
+    t = pq.read_table(remote)
+    errs = t.column("nfb_error").to_pylist()
+    assert errs[6] == "bad_type:response" and errs[9].startswith("prompt_too_long")
+    assert all(e is not None for e in errs[12:16])
+    assert t.column("nfb_row").to_pylist() == list(range(22))
+    samples = t.column("feedback_samples").to_pylist()
+    assert all(len(s) == 2 for s, e in zip(samples, errs) if e is None)
+    c = cluster_summary(remote)
+    # loads never exceed the replicas, however many chunks (with 22 rows Ray Data may finish
+    # on the first replica before it starts the second: counted as it happened)
+    assert c["replicas"] == 2 and 1 <= c["engine_loads"] <= 2 and c["rows_per_s_per_replica"] > 0
+    assert "engine loads" in r.output and "rows/s per replica" in r.output
 
 
-def test_ray_usage_errors(cli, models, src, tmp_path):
-    r = cli("feedback", src, "-o", tmp_path / "o.parquet", "--model", models["causal"],
-            "--engine", "ray", "--samples", "2")
-    assert r.exit_code == 2 and "one sample per request" in r.output
+@pytest.mark.slow
+def test_score_two_responses_steerlm_equal_in_process(cli, models, cluster, inputs, tmp_path):
+    """Score with the SteerLM bias, two responses per row (each row is two requests,
+    gathered on the driver): the in-process columns and values."""
+    args = [*inputs, "--model", models["rm9"], "--weights", "llama3-70b-steerlm",
+            "--response-field", "response", "--response-field", "response2",
+            "--batch-rows", "4", *F32]
+    local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    assert cli("score", *args, "-o", local).exit_code == 0
+    r = cli("score", *args, "-o", remote, *ray_args(cluster))
+    assert r.exit_code == 0, r.output
+    same_output(local, remote)
+    assert cluster_summary(remote)["engine_loads"] == 1
+
+
+def _engine_actors(job_not: set[str]) -> list[dict]:
+    import ray
+    return [a for a in ray._private.state.actors().values()
+            if ENGINE in str(a.get("ActorClassName")) and a.get("State") == "ALIVE"
+            and a["ActorID"] not in job_not]
+
+
+def _wait(pred, proc, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = pred()
+        if got:
+            return got
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before {what}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_driver_killed_then_worker_node_lost(cli, models, cluster, tmp_path):
+    """kill -9 of the driver mid-run, then the same command resumes; while it runs, the node
+    of its engine is removed: Ray restarts the engine on the other node and the run
+    finishes by itself. Each row once, the rows of an uninterrupted (in-process) run."""
+    rows = sample_rows(N_KILL)
+    per = N_KILL // 8   # 8 files: 8 read tasks whose results come back at different times
+    srcs = [write_jsonl(tmp_path / f"in{i}.jsonl", rows[i * per:(i + 1) * per]) for i in range(8)]
+    args = ["score", *srcs, "--model", models["rm9"], "--weights", "llama3-70b-steerlm",
+            "--batch-rows", "16", "--max-in-flight", "16", *F32]
+    local, out = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    assert cli(*args, "-o", local).exit_code == 0
+    cmd = [sys.executable, "-m", "nfb", *map(str, args), "-o", str(out), "-q",
+           "--checkpoint-every", "0.5", *ray_args(cluster)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    wd = Path(f"{out}.nfb")
+
+    def parts():
+        return sorted(wd.glob("part-*.parquet"))
+
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _wait(parts, first, 300, "a first checkpoint part")
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    assert not out.exists()
+    kept = len(parts())
+
+    seen = {a["ActorID"] for a in _engine_actors(set())}
+    second = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    actor = _wait(lambda: _engine_actors(seen), second, 300, "the resumed run's engine")[0]
+    _wait(lambda: len(parts()) > kept, second, 300, "a part of the resumed run")
+    node = next(n for n in cluster.worker_nodes
+                if n.node_id == actor["Address"]["NodeID"])
+    cluster.remove_node(node)
+    try:
+        log = second.communicate(timeout=600)[0].decode()
+        assert second.returncode == 0, log
+    finally:
+        cluster.add_node(num_cpus=1)   # the module's cluster keeps two worker nodes
+        if second.poll() is None:
+            second.kill()
+    rows = pq.read_table(out).column("nfb_row").to_pylist()
+    assert rows == list(range(N_KILL))    # each row once, in order
+    same_output(local, out)
+    c = cluster_summary(out)
+    assert c["replicas"] == 1 and c["engine_loads"] == 2   # the restart after the node loss
+
+
+def test_ray_usage_errors(cli, models, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", sample_rows(2))
     r = cli("feedback", src, "-o", tmp_path / "o.parquet", "--model", models["causal"],
             "--replicas", "2")
     assert r.exit_code == 2 and "--engine ray" in r.output
+    r = cli("feedback", src, "-o", tmp_path / "o.parquet", "--model", models["causal"],
+            "--engine", "ray", "--ray-block-rows", "10")
+    assert r.exit_code == 2 and "--ray-block-rows is gone" in r.output

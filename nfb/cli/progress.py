@@ -115,8 +115,13 @@ def print_summary(console: Console, result: RunResult, task: str) -> None:
         work = result.seconds - result.load_seconds
         rate = result.new_rows / work if work > 0 else 0.0
         t.add_row("model load", f"{result.load_seconds:,.1f} s")
-        if result.data_parallel > 1:
+        if result.data_parallel > 1 and result.cluster is None:
             t.add_row("engine replicas (-dp)", f"{result.data_parallel}")
+        if result.cluster is not None:   # --engine ray
+            c = result.cluster
+            t.add_row("engine replicas (Ray)", f"{c.get('replicas', 0)}")
+            t.add_row("engine loads", f"{c.get('engine_loads', 0)}")
+            t.add_row("rows/s per replica", f"{c.get('rows_per_s_per_replica', 0.0):,.1f}")
         t.add_row("scoring", f"{work:,.1f} s ({rate:,.1f} rows/s)")
     t.add_row("rows with errors", f"{result.error_rows:,}")
     for code, n in result.errors.most_common():

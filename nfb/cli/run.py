@@ -76,8 +76,8 @@ ENGINE_OPTIONS = {
                          "default: a local Ray.", _ENGINE), None),
     "replicas": (_opt(int, "With --engine ray: vLLM replicas, each with "
                       "--tensor-parallel-size GPUs.", _ENGINE, min=1), 1),
-    "ray_block_rows": (_opt(int, "With --engine ray: rows per Ray Data job (engines start "
-                            "once per job).", _ENGINE, min=1), 100_000),
+    "ray_block_rows": (_opt(Optional[int], "Gone: --engine ray runs one pipeline per run.",
+                            _ENGINE, hidden=True), None),
     "engine_restarts": (_opt(int, "If the engine dies mid-run, restart it up to N times and "
                              "go on with the unfinished rows (0: stop, rows saved).", _ENGINE,
                              min=0), 0),

@@ -1,24 +1,40 @@
-"""Ray Data LLM: the same rows, prompts and parsing as in-process, run by vLLM replicas on a
-Ray cluster (`ray.data.llm.vLLMEngineProcessorConfig` + `build_processor`).
+"""--engine ray: one streaming Ray Data pipeline per run, vLLM replicas that live for the run.
 
-nfb's pipeline stays the driver: it reads, validates, renders and length-checks rows exactly
-as in-process, and writes its checkpoint parts, so resume and error rows behave the same.
-Requests go to Ray in blocks of `ray_block_rows`; each block is one Ray Data job in which
-Ray schedules `replicas` vLLM engines (each with its own tensor parallelism) and streams the
-results back. Engines start once per block, so blocks should be large.
+    input files -> read (nfb's readers, one Ray task per file, global row numbers)
+      -> prepare (map_batches: validate, chat template, tokenize, length checks, error rows;
+         rows already done are skipped here)
+      -> Ray Data LLM processor (`vLLMEngineProcessorConfig` + `build_processor`: `replicas`
+         actors, each a vLLM engine, loaded once per run)
+      -> parse (the processor's postprocess, in its workers)
+      -> the driver: bookkeeping only (chunks in, rows resolved, checkpoint parts written by
+         nfb's own PartWriter, so resume, error rows and the final merge are in-process's).
+
+Each chunk of rows travels as its requests (one Ray row per request and sample); the first
+request of a chunk carries the chunk's header (its input rows, row numbers, error rows), so
+the driver never reads the input. A chunk whose rows all failed sends one 1-token request
+(its output is ignored) to carry its header. Several samples (`--samples N`) are N requests
+with seeds seed, seed+1, ... which is what vLLM does for `n=N` with a seed.
 """
 
 from __future__ import annotations
 
+import pickle
+import queue
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from nfb.config import EngineConfig, SamplingConfig
+import numpy as np
+import pyarrow as pa
+
+from nfb.config import EngineConfig, RunConfig, SamplingConfig
 from nfb.engines.base import Request
 from nfb.engines.vllm import engine_kwargs, sampling_kwargs
-from nfb.errors import UsageError
+from nfb.errors import EngineDied, UsageError
 
 INSTALL = "pip install 'nfb[ray]'   (ray[data])"
+ENGINE_CLASS = "vLLMEngineStageUDF"   # Ray Data LLM's engine actor (counted as engine loads)
 
 
 def check_ray() -> None:
@@ -30,8 +46,142 @@ def check_ray() -> None:
         raise UsageError(f"--engine ray needs Ray Data: {INSTALL}") from None
 
 
+# --- worker side: read, prepare, parse ------------------------------------------------------
+
+_TOKENIZERS: dict[tuple, Any] = {}
+
+
+def _tokenizer(model: str, revision: str | None, trust: bool):
+    """One tokenizer per worker process and model (Ray reuses workers across tasks)."""
+    key = (model, revision, trust)
+    if key not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(model, revision=revision,
+                                                         trust_remote_code=trust)
+    return _TOKENIZERS[key]
+
+
+def count_file(path: str) -> int:
+    """Rows of one input file, as `nfb.io.readers.count_rows` counts them."""
+    from nfb.io.readers import count_rows
+    n = count_rows([path])
+    if n is None:
+        raise UsageError("--engine ray cannot read stdin: pass files")
+    return n
+
+
+def read_unit(item: dict, batch_rows: int, max_line_bytes: int, limit: int | None
+              ) -> Iterator[dict]:
+    """The chunks of one input file, numbered from the file's first global row (Ray task)."""
+    from nfb.io import jsonl
+    from nfb.io.readers import _module, input_format
+
+    path, row = item["path"], int(item["first_row"])
+    if input_format(path) == "jsonl":
+        chunks = jsonl.read_chunks(path, row, batch_rows, max_line_bytes)
+    else:
+        chunks = _module(path).read_chunks(path, row, batch_rows)
+    for chunk in chunks:
+        if limit is not None and chunk.first_row >= limit:
+            return
+        chunk.notes = []
+        yield {"nfb_chunk": chunk.first_row, "nfb_data": pickle.dumps(chunk, protocol=5)}
+
+
+REQUEST_SCHEMA = pa.schema([
+    ("nfb_chunk", pa.int64()), ("nfb_j", pa.int32()), ("nfb_k", pa.int32()),
+    ("nfb_n", pa.int32()), ("nfb_s", pa.int32()), ("nfb_dummy", pa.bool_()),
+    ("nfb_head", pa.binary()), ("tokenized_prompt", pa.list_(pa.int32()))])
+
+
+class Prepare:
+    """map_batches: chunks in, one row per request out (validate, template, tokenize)."""
+
+    def __init__(self, cfg: RunConfig, task, done_ref, budget: int, samples: int,
+                 preparer: Callable[..., Any]):
+        self.cfg, self.task, self.budget, self.samples = cfg, task, budget, samples
+        self.done_ref = done_ref
+        self.make_preparer = preparer   # the run's ChunkPreparer (nfb.run.feed), handed in
+        self._preparer = None
+
+    def _prep(self):
+        if self._preparer is None:
+            import ray
+
+            e = self.cfg.engine
+            done = self.done_ref if isinstance(self.done_ref, np.ndarray) \
+                else ray.get(self.done_ref)
+            self._preparer = self.make_preparer(
+                self.cfg, self.task, _tokenizer(e.model, e.revision, e.trust_remote_code),
+                done, self.budget)
+        return self._preparer
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cols = {f.name: [] for f in REQUEST_SCHEMA}
+
+        def add(first, j, k, n, s, dummy, head, ids):
+            for name, v in zip(cols, (first, j, k, n, s, dummy, head, ids)):
+                cols[name].append(v)
+
+        for data in batch.column("nfb_data").to_pylist():
+            chunk = pickle.loads(data)
+            prep = self._prep().prepare(chunk)
+            if prep is None:   # every row of the chunk is done (resume) or not selected
+                continue
+            counts = [(j, len(toks)) for j, toks in prep.requests]
+            head = pickle.dumps((prep.pending, prep.failed, prep.truncated, counts),
+                                protocol=5)
+            first = chunk.first_row
+            if not prep.requests:
+                add(first, -1, 0, 0, 0, True, head, [0])
+                continue
+            for j, toks in prep.requests:
+                for k, ids in enumerate(toks):
+                    for s in range(self.samples):
+                        add(first, j, k, len(toks), s, False, head, list(ids))
+                        head = b""
+        return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in REQUEST_SCHEMA})
+
+
+def _preprocess(params: dict | None, samples: int):
+    """The processor's preprocess: each row's sampling (or pooling) parameters."""
+    def pre(row: dict) -> dict:
+        if params is None:
+            return row | {"pooling_params": {"use_activation": False}}
+        p = dict(params)
+        if row["nfb_dummy"]:
+            p["max_tokens"] = 1
+            p.pop("structured_outputs", None)
+        if p.get("seed") is not None:
+            p["seed"] = int(p["seed"]) + int(row["nfb_s"])
+        else:
+            p.pop("seed", None)
+        return row | {"sampling_params": p}
+    return pre
+
+
+def _postprocess(task, generate: bool, samples: int):
+    """The processor's postprocess: parse in the worker when a row is one request and one
+    sample (else the driver gathers the row's outputs and parses them)."""
+    def post(row: dict) -> dict:
+        if row["nfb_dummy"]:
+            out = b""
+        else:
+            value = [str(row["generated_text"])] if generate else \
+                [float(x) for x in np.asarray(row["embeddings"]).reshape(-1)]
+            if row["nfb_n"] == 1 and samples == 1:
+                out = pickle.dumps((True, task.parse([value])), protocol=5)
+            else:
+                out = pickle.dumps((False, value[0] if generate else value), protocol=5)
+        return {"nfb_chunk": row["nfb_chunk"], "nfb_j": row["nfb_j"], "nfb_k": row["nfb_k"],
+                "nfb_s": row["nfb_s"], "nfb_head": row["nfb_head"], "nfb_out": out}
+    return post
+
+
+# --- the engine (driver side) ---------------------------------------------------------------
+
 class RayEngine:
-    """Engine protocol over Ray Data LLM processors."""
+    """The Ray backend: `stream_rows` runs the whole row pipeline on the cluster."""
 
     def __init__(self, cfg: EngineConfig, runner: str):
         import ray
@@ -41,6 +191,9 @@ class RayEngine:
 
         self.cfg = cfg
         self.runner = runner
+        self.data_parallel = cfg.replicas
+        self.run_counts: dict = {"engine": "ray", "replicas": cfg.replicas, "engine_loads": 0,
+                                 "rows_per_s_per_replica": 0.0}
         self._own_ray = not ray.is_initialized() and cfg.ray_address is None
         if not ray.is_initialized():
             import logging
@@ -64,71 +217,258 @@ class RayEngine:
         kwargs = engine_kwargs(cfg, runner)
         kwargs["max_model_len"] = self.max_model_len
         self.engine_kwargs = kwargs
-        gpus = ray.cluster_resources().get("GPU", 0)
-        # a cluster without GPUs (CPU vLLM): one CPU bundle per tensor-parallel worker
-        self.placement = None if gpus else {
-            "bundles": [{"CPU": 1} for _ in range(cfg.tensor_parallel_size)]}
+        self.gpus = ray.cluster_resources().get("GPU", 0)
+        # a cluster without GPUs (CPU vLLM, tests): half a logical CPU per tensor-parallel
+        # worker, so that nfb's CPU stages find room beside the engines on small nodes
+        self.placement = None if self.gpus else {
+            "bundles": [{"CPU": 0.5} for _ in range(cfg.tensor_parallel_size)]}
+        self._job = ray.get_runtime_context().get_job_id()
+        self._actors_before = set(self._engine_actors())
 
-    def _processor(self, task_type: str, preprocess: Callable, postprocess: Callable):
+    # engine loads: Ray Data LLM's engine actors of this job, and their restarts
+    def _engine_actors(self) -> dict[str, int]:
+        import ray
+        try:
+            table = ray._private.state.actors()
+        except Exception:  # noqa: BLE001 - counts are informative; never fail a run on them
+            return {}
+        return {aid: int(a.get("NumRestarts", 0) or 0) for aid, a in table.items()
+                if ENGINE_CLASS in str(a.get("ActorClassName", ""))
+                and str(a.get("JobID", "")) == str(self._job)}
+
+    def engine_loads(self) -> int:
+        return sum(1 + r for aid, r in self._engine_actors().items()
+                   if aid not in self._actors_before)
+
+    def _units(self, cfg: RunConfig, done: np.ndarray) -> list[dict]:
+        """One read unit per input file, with its first global row (counted by Ray tasks
+        when there are several files); files already done, or past --limit, are left out."""
+        import ray
+
+        files = list(cfg.inputs)
+        if "-" in files:   # stdin is the driver's: the workers cannot read it
+            raise UsageError("--engine ray reads input files on the workers: pass files, "
+                             "not '-' (stdin)")
+        counts = [0] * len(files)
+        if len(files) > 1:
+            fn = ray.remote(num_cpus=0.25, max_retries=3)(count_file)
+            counts = ray.get([fn.remote(f) for f in files[:-1]]) + [None]
+        units, row = [], 0
+        for f, n in zip(files, counts):
+            first = row
+            row = row + n if n is not None else None
+            if cfg.limit is not None and first >= cfg.limit:
+                break
+            if n is not None and n > 0 and first + n <= len(done) \
+                    and bool(done[first:first + n].all()):
+                continue   # finished in an earlier run: not read at all
+            units.append({"path": f, "first_row": first})
+            if row is None:
+                break
+        return units
+
+    def _dataset(self, cfg: RunConfig, task, done: np.ndarray, budget: int,
+                 preparer: Callable[..., Any]):
+        import ray
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+        generate = task.runner == "generate"
+        samples = task.sampling.samples if generate else 1
+        params = sampling_kwargs(task.sampling) if generate else None
+        units = self._units(cfg, done)
+        if not units:
+            return None
+        # tokenizing is the CPU work: a core per prepare task on a GPU cluster; reading is
+        # lighter, and its different resources keep Ray Data from fusing the two stages, so
+        # the chunks of one file are prepared by many workers at once
+        cpus = 1 if self.gpus else 0.25
+        ds = ray.data.from_items(units, override_num_blocks=len(units))
+        ds = ds.flat_map(read_unit, fn_kwargs=dict(batch_rows=cfg.batch_rows,
+                                                   max_line_bytes=cfg.max_line_bytes,
+                                                   limit=cfg.limit), num_cpus=cpus / 2)
+        ds = ds.map_batches(Prepare(cfg, task, ray.put(done), budget, samples, preparer),
+                            batch_size=1, batch_format="pyarrow", num_cpus=cpus)
         config = vLLMEngineProcessorConfig(
             model_source=self.cfg.model,
-            task_type=task_type,
+            task_type="generate" if generate else "classify",
             engine_kwargs=self.engine_kwargs,
-            concurrency=self.cfg.replicas,
+            # a fixed pool (an int lets Ray Data autoscale from 1): loads == replicas
+            concurrency=(self.cfg.replicas, self.cfg.replicas),
             batch_size=min(256, max(1, self.cfg.max_in_flight)),
             placement_group_config=self.placement,
             log_engine_metrics=False,
             chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
         )
-        return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+        small = {"num_cpus": 0.1 if not self.gpus else 0.25}
+        processor = build_processor(config, preprocess=_preprocess(params, samples),
+                                    postprocess=_postprocess(task, generate, samples),
+                                    preprocess_map_kwargs=small, postprocess_map_kwargs=small)
+        return processor(ds)
 
-    def _blocks(self, requests: Iterable[Request]) -> Iterator[list[Request]]:
-        block: list[Request] = []
-        for req in requests:
-            block.append(req)
-            if len(block) >= self.cfg.ray_block_rows:
-                yield block
-                block = []
-        if block:
-            yield block
+    def stream_rows(self, cfg: RunConfig, task, collector, done: np.ndarray, sink,
+                    poll_total: Callable[[], None], *, budget: int,
+                    preparer: Callable[..., Any]) -> None:
+        """Run every row not yet done through the cluster; write finished chunks in order
+        through `collector` (the pipeline's, with its PartWriter). The run hands in the
+        prompt budget and its chunk preparer (`preparer(cfg, task, tokenizer, done, budget)`
+        with `.prepare(chunk)`), which Ray's CPU workers run."""
+        samples = task.sampling.samples if task.runner == "generate" else 1
+        t0, cpu0, own0 = time.monotonic(), time.process_time(), time.thread_time()
+        new_before = collector.result.new_rows
+        ds = self._dataset(cfg, task, done, budget, preparer)
+        chunks: dict[int, tuple] = {}          # chunk -> (pending, {j: outputs})
+        early: dict[int, list] = {}            # outputs that came before their chunk's header
+        resolved: set[tuple[int, int]] = set()   # rows resolved, of chunks still open
+        finished: set[int] = set()               # chunks complete (one number per chunk)
 
-    def _run(self, requests: Iterable[Request], processor) -> Iterator[tuple[Any, Any]]:
+        def take(c: int, j: int, k: int, s: int, out: bytes) -> None:
+            if (c, j) in resolved:
+                return   # a retried request seen twice (Ray retries): counted once
+            p, outs, counts = chunks[c]
+            parsed, value = pickle.loads(out)
+            if parsed:
+                resolved.add((c, j))
+                collector.resolve(p, j, value)
+                return
+            slots = outs.setdefault(j, [[None] * samples for _ in range(counts[j])])
+            slots[k][s] = value
+            if all(v is not None for req in slots for v in req):
+                resolved.add((c, j))
+                del outs[j]
+                gen = task.runner == "generate"
+                collector.resolve(p, j, task.parse([list(req) if gen else req[0]
+                                                    for req in slots]))
+
+        self._t_loaded = None   # when every replica had loaded (set by _batches)
+        try:
+            for batch in self._batches(ds, cfg.engine.stall_timeout, self._loaded):
+                cols = {n: batch.column(n).to_pylist()
+                        for n in ("nfb_chunk", "nfb_j", "nfb_k", "nfb_s", "nfb_head", "nfb_out")}
+                for c, j, k, s, head, out in zip(*cols.values()):
+                    if c in finished:
+                        continue   # a retried request of a chunk already written
+                    if head and c not in chunks:
+                        p, failed, truncated, counts = pickle.loads(head)
+                        p.truncated = truncated
+                        chunks[c] = (p, {}, dict(counts))
+                        for jj, reason in failed:
+                            collector.fail(p, jj, reason)
+                        collector.add(p)
+                        for item in early.pop(c, []):
+                            take(c, *item)
+                    if j < 0:
+                        continue   # a chunk's carrier request: no row of its own
+                    if c in chunks:
+                        take(c, j, k, s, out)
+                    else:
+                        early.setdefault(c, []).append((j, k, s, out))
+                for c in [c for c, (p, _o, _n) in chunks.items() if p.remaining == 0]:
+                    rows = len(chunks.pop(c)[0].rows)
+                    finished.add(c)
+                    resolved.difference_update({(c, j) for j in range(rows)})
+                if sink is not None:
+                    sink.maybe_flush()
+                poll_total()
+        except BaseException:
+            if sink is not None:  # keep every finished row, whatever stopped the run
+                collector.drain()
+                sink.flush()
+            raise
+        finally:
+            end = time.monotonic()
+            loaded = self._t_loaded if self._t_loaded is not None else t0
+            collector.result.load_seconds += loaded - t0
+            seconds = end - loaded   # scoring, not loading
+            rows = collector.result.new_rows - new_before
+            self.run_counts.update(
+                engine_loads=self.engine_loads(), scoring_seconds=round(seconds, 3),
+                load_seconds=round(loaded - t0, 3),
+                # the driver process (Ray Data's executor threads included), and of it
+                # nfb's bookkeeping (this thread: chunks in, rows resolved, parts written)
+                driver_cpu_seconds=round(time.process_time() - cpu0, 3),
+                bookkeeping_cpu_seconds=round(time.thread_time() - own0, 3),
+                rows_per_s_per_replica=round(rows / seconds / max(1, self.cfg.replicas), 3)
+                if seconds > 0 else 0.0)
+        collector.drain()
+        if collector.queue or early:
+            from nfb.errors import RunError
+            raise RunError("internal error: rows left unfinished")
+
+    def _loaded(self) -> bool:
+        """Every replica of this run has loaded (its engine actor is alive)."""
         import ray
+        try:
+            table = ray._private.state.actors()
+        except Exception:  # noqa: BLE001 - then the watchdog waits for a first result
+            return False
+        alive = [a for aid, a in table.items() if aid not in self._actors_before
+                 and ENGINE_CLASS in str(a.get("ActorClassName", ""))
+                 and str(a.get("JobID", "")) == str(self._job) and a.get("State") == "ALIVE"]
+        return len(alive) >= self.cfg.replicas
 
-        for block in self._blocks(requests):
-            items = [{"nfb_i": i, "tokenized_prompt": list(ids)}
-                     for i, (_, ids) in enumerate(block)]
-            for row in processor(ray.data.from_items(items)).iter_rows():
-                yield block[int(row["nfb_i"])][0], row["nfb_value"]
+    def _batches(self, ds, stall_timeout: float, loaded: Callable[[], bool]
+                 ) -> Iterator[pa.Table]:
+        """The result batches, pulled by a thread so that the stall watchdog can see a
+        cluster that stopped returning rows: no batch for `stall_timeout` seconds once the
+        replicas have loaded (loading a large model takes minutes, as in-process)."""
+        if ds is None:
+            return
+        q: queue.Queue = queue.Queue(maxsize=8)
+        stop = threading.Event()
 
+        def pull() -> None:
+            try:
+                for b in ds.iter_batches(batch_size=None, batch_format="pyarrow",
+                                         prefetch_batches=2):
+                    while not stop.is_set():
+                        try:
+                            q.put(b, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the driver's loop
+                q.put(e)
+
+        threading.Thread(target=pull, name="nfb-ray-results", daemon=True).start()
+        since: float | None = None   # the watchdog's clock: from the replicas' load on
+        try:
+            while True:
+                if since is None and loaded():
+                    since = self._t_loaded = time.monotonic()
+                try:
+                    item = q.get(timeout=0.25 if since is None else 1.0)
+                except queue.Empty:
+                    if since is not None and time.monotonic() - since > stall_timeout:
+                        raise EngineDied(f"no result from the Ray replicas for "
+                                         f"{stall_timeout:g} s (a stalled replica; see "
+                                         "--stall-timeout)") from None
+                    continue
+                if since is not None:
+                    since = time.monotonic()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise EngineDied(f"the Ray pipeline failed: "
+                                     f"{' '.join(str(item).split())[:300]}") from None
+                yield item
+        finally:
+            stop.set()
+
+    # the Engine protocol (not used by the pipeline, which calls stream_rows)
     def generate(self, requests: Iterable[Request], sampling: SamplingConfig,
                  can_feed: Callable[[], bool]) -> Iterator[tuple[Any, list[str]]]:
-        params = sampling_kwargs(sampling)
-        if params.get("seed") is None:
-            params.pop("seed")
-        processor = self._processor(
-            "generate",
-            preprocess=lambda r: {"nfb_i": r["nfb_i"], "tokenized_prompt": r["tokenized_prompt"],
-                                  "sampling_params": dict(params)},
-            postprocess=lambda r: {"nfb_i": r["nfb_i"], "nfb_value": r["generated_text"]})
-        for key, text in self._run(requests, processor):
-            yield key, [text]
+        raise NotImplementedError("--engine ray runs whole rows: RayEngine.stream_rows")
 
     def classify(self, requests: Iterable[Request],
                  can_feed: Callable[[], bool]) -> Iterator[tuple[Any, list[float]]]:
-        processor = self._processor(
-            "classify",
-            preprocess=lambda r: {"nfb_i": r["nfb_i"], "tokenized_prompt": r["tokenized_prompt"],
-                                  "pooling_params": {"use_activation": False}},
-            postprocess=lambda r: {"nfb_i": r["nfb_i"],
-                                   "nfb_value": [float(x) for x in r["embeddings"]]})
-        for key, heads in self._run(requests, processor):
-            yield key, list(heads)
+        raise NotImplementedError("--engine ray runs whole rows: RayEngine.stream_rows")
 
     def close(self) -> None:
         import ray
 
         if self._own_ray and ray.is_initialized():  # a local instance this run started
             ray.shutdown()
+

@@ -34,6 +34,8 @@ class RunResult:
     already_done: bool = False
     card: str | None = None           # the dataset card written beside the output (--card)
     data_parallel: int = 1            # engine replicas that ran (-dp)
+    # --engine ray: replicas, engine loads, rows/s per replica (nfb.engines.ray)
+    cluster: dict | None = None
 
     @property
     def error_rows(self) -> int:
@@ -64,7 +66,8 @@ class RunResult:
                 "errors": dict(self.errors.most_common()), **counts,
                 "notes": dict(self.notes.most_common()),
                 "data_parallel": self.data_parallel} | (
-                    {} if self.truncated is None else {"truncated": self.truncated})
+                    {} if self.truncated is None else {"truncated": self.truncated}) | (
+                    {} if self.cluster is None else {"cluster": dict(self.cluster)})
 
     @classmethod
     def from_summary(cls, output: str, s: dict, count_kinds: dict[str, str],

@@ -187,6 +187,22 @@ class Feeder:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+class ChunkPreparer(Feeder):
+    """The Feeder's preparation of one chunk (`prepare`), without its threads: what Ray's
+    CPU workers run (nfb.engines.ray)."""
+
+    def __init__(self, cfg: RunConfig, task: Task, tokenizer, done: np.ndarray, budget: int):
+        self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
+        self.done, self.budget = done, budget
+        self.fit = Fitter(tokenizer, budget, cfg.too_long)
+
+    def prepare(self, chunk: Chunk) -> _Prepared | None:
+        return self._prepare(chunk)
+
+    def close(self) -> None:
+        pass
+
+
 def _requests(feeder: Feeder, collector: Collector, sink: PartWriter | None
               ) -> Iterator[tuple[tuple[_Pending, int, int], list[int]]]:
     """Register prepared chunks with the collector and yield their engine requests."""

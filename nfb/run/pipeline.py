@@ -37,7 +37,7 @@ from nfb.io.storage import is_url
 from nfb.io.writers import STDOUT, PartWriter, StdoutWriter, merge_tables, read_metadata
 from nfb.records import to_conversation
 from nfb.run.collect import ERROR, ROW, TRUNCATED, Collector, RunResult, error_code
-from nfb.run.feed import Feeder, _requests
+from nfb.run.feed import ChunkPreparer, Feeder, _requests
 from nfb.run.workdir import ResumeError, WorkDir
 from nfb.tasks.base import Task
 
@@ -336,6 +336,8 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
     engine = _start(engine_factory, wd, progress)
     result.load_seconds = time.monotonic() - t_load
     result.data_parallel = getattr(engine, "data_parallel", 1)
+    if hasattr(engine, "run_counts"):   # Ray: engine loads, replicas (the summary, provenance)
+        result.cluster = engine.run_counts
     restarts = cfg.engine.engine_restarts
     pending_total = total if isinstance(total, Future) else None
     progress.start(None if pending_total else total, result.resumed_rows)
@@ -352,7 +354,13 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
             collector = Collector(task, cfg.prefix, emit_and_report, result,
                                   truncated_column=cfg.too_long != "error", note=progress.note)
             try:
-                _stream_rows(cfg, task, engine, collector, done, sink, poll_total)
+                # an engine that runs the whole row pipeline itself (Ray Data: nfb.engines.ray)
+                stream_rows = getattr(engine, "stream_rows", None)
+                if stream_rows is not None:
+                    stream_rows(cfg, task, collector, done, sink, poll_total,
+                                budget=check_budget(task, engine), preparer=ChunkPreparer)
+                else:
+                    _stream_rows(cfg, task, engine, collector, done, sink, poll_total)
                 break
             except EngineDied as e:
                 if sink is not None:
@@ -419,16 +427,23 @@ def _union(done: np.ndarray, emitted: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _stream_rows(cfg: RunConfig, task: Task, engine: Engine, collector: Collector,
-                 done: np.ndarray, sink: PartWriter | None, poll_total: Callable[[], None]
-                 ) -> None:
-    """Feed every row not yet done through the engine; emit finished chunks in order."""
+def check_budget(task: Task, engine: Engine) -> int:
+    """The prompt budget of `task` on `engine` (exit 2 when none is left), after the task's
+    own tokenizer check."""
     budget = task.prompt_budget(engine.max_model_len)
     if budget <= 0:
         raise UsageError(
             f"the model allows {engine.max_model_len} tokens in all, which leaves no room "
             f"for a prompt: lower --max-tokens or raise --max-model-len")
     task.check_tokenizer(engine.tokenizer)   # e.g. a GenRM's template must show the responses
+    return budget
+
+
+def _stream_rows(cfg: RunConfig, task: Task, engine: Engine, collector: Collector,
+                 done: np.ndarray, sink: PartWriter | None, poll_total: Callable[[], None]
+                 ) -> None:
+    """Feed every row not yet done through the engine; emit finished chunks in order."""
+    budget = check_budget(task, engine)
     window = max(1, cfg.engine.max_in_flight)
     max_held = 8 * window + cfg.batch_rows
     feeder = Feeder(cfg, task, engine.tokenizer, done, budget)

@@ -26,7 +26,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # this), so give each a fixed 1 GiB instead.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+import engine_starts  # noqa: E402
 import tiny_models  # noqa: E402
+from engine_starts import (  # noqa: E402,F401  (hooks: count and print engine starts)
+    _engine_starts_guard,
+    pytest_collection_modifyitems,
+    pytest_runtest_protocol,
+    pytest_terminal_summary,
+)
 
 # vLLM logs while it shuts engines down at the end of the session, when pytest has already
 # closed the captured streams; those late log lines are not worth a traceback.
@@ -76,6 +83,7 @@ def shared_engine(engine_cfg, runner: str):
     from nfb.engines.replicas import ReplicaSet
     from nfb.engines.vllm import VLLMEngine
 
+    engine_starts.used_a_real_engine()
     key = engine_key(engine_cfg, runner)
     if key in _ENGINES:
         _ENGINES[key] = _ENGINES.pop(key)          # most recently used last
@@ -90,12 +98,15 @@ def shared_engine(engine_cfg, runner: str):
 
 
 @pytest.fixture
-def engines(monkeypatch):
-    """The library's engine seam: `engines("vllm", factory)` replaces an engine for a test."""
-    import nfb.engines
+def engines(request):
+    """The library's engine seam: `engines("vllm", factory)` replaces an engine for a test
+    (nfb.engines.register_engine; the factory it replaced comes back after the test)."""
+    from nfb.engines import register_engine
 
     def use(name, factory):
-        monkeypatch.setitem(nfb.engines._FACTORIES, name, factory)
+        old = register_engine(name, factory)
+        if old is not None:
+            request.addfinalizer(lambda: register_engine(name, old))
     return use
 
 

@@ -56,12 +56,6 @@ def starts() -> list[dict]:
     return out
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:       # the `cli` fixture runs the CLI on real vLLM engines
-        if "cli" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.slow)
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     item._nfb_t0 = time.time()

@@ -1,11 +1,13 @@
 """Tensor parallel 2 (on CPU: two worker processes) gives the same greedy output as 1."""
 
 import pyarrow.parquet as pq
+import pytest
 from conftest import sample_rows, write_jsonl
 
 FAST = ["--max-tokens", "16", "--temperature", "0", "--dtype", "float32"]
 
 
+@pytest.mark.slow
 def test_tp2_equals_tp1(cli, models, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", sample_rows(24))
     outs = {}

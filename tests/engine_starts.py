@@ -109,6 +109,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"  {len(group):3d}  {sum(s['s'] for s in group):6.0f} s  {name}")
     if config.getoption("verbose") > 0 or os.environ.get("NFB_TEST_STARTS_DETAIL"):
         for name, group in by_test.items():
-            models = ", ".join(sorted({Path(s["model"]).name for s in group}))
+            models = "; ".join(sorted({f"{Path(s['model']).name} {s.get('settings', '')}"
+                                       for s in group}))
             tr.write_line(f"       {len(group):3d}  {sum(s['s'] for s in group):6.0f} s  "
                           f"{name}  [{models}]")

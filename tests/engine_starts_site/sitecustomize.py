@@ -21,12 +21,23 @@ import time
 TARGET = "vllm.v1.engine.core"
 
 
-def _record(start: float, ok: bool, model: str) -> None:
+def _settings(cfg) -> str:
+    """The engine settings that make engines distinct (to see which could be shared)."""
+    try:
+        mc, pc = cfg.model_config, cfg.parallel_config
+        return (f"{mc.runner_type} {str(mc.dtype).replace('torch.', '')} "
+                f"len={mc.max_model_len} tp={pc.tensor_parallel_size} "
+                f"eager={mc.enforce_eager}")
+    except Exception:  # noqa: BLE001 - only a label
+        return "?"
+
+
+def _record(start: float, ok: bool, model: str, settings: str = "") -> None:
     path = os.environ.get("NFB_TEST_ENGINE_STARTS")
     if not path:
         return
     line = json.dumps({"t": start, "s": round(time.time() - start, 2), "ok": ok,
-                       "model": model, "pid": os.getpid(), "ppid": os.getppid(),
+                       "model": model, "settings": settings, "pid": os.getpid(), "ppid": os.getppid(),
                        "test": os.environ.get("PYTEST_CURRENT_TEST", ""),
                        "argv": " ".join(sys.argv[:3])})
     try:
@@ -57,7 +68,7 @@ def _patch(module) -> None:
             ok = True
             return result
         finally:
-            _record(start, ok, model)
+            _record(start, ok, model, _settings(cfg))
     __init__._nfb_counted = True
     cls.__init__ = __init__
 

@@ -37,7 +37,8 @@ def _record(start: float, ok: bool, model: str, settings: str = "") -> None:
     if not path:
         return
     line = json.dumps({"t": start, "s": round(time.time() - start, 2), "ok": ok,
-                       "model": model, "settings": settings, "pid": os.getpid(), "ppid": os.getppid(),
+                       "model": model, "settings": settings, "pid": os.getpid(),
+                       "ppid": os.getppid(),
                        "test": os.environ.get("PYTEST_CURRENT_TEST", ""),
                        "argv": " ".join(sys.argv[:3])})
     try:

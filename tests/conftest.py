@@ -30,6 +30,7 @@ import engine_starts  # noqa: E402
 import tiny_models  # noqa: E402
 from engine_starts import (  # noqa: E402,F401  (hooks: count and print engine starts)
     _engine_starts_guard,
+    pytest_configure,
     pytest_runtest_protocol,
     pytest_terminal_summary,
 )

@@ -42,6 +42,17 @@ _USED = {"real": False}
 def used_a_real_engine() -> None:
     """conftest's shared_engine calls this: a test ran on a real engine (maybe a cached one)."""
     _USED["real"] = True
+    if os.environ.get("NFB_TEST_NO_ENGINES"):
+        pytest.fail("a real vLLM engine in a run without slow tests: mark the test slow",
+                    pytrace=False)
+
+
+def pytest_configure(config):
+    """`-m "not slow"` is the fast subset: no engine may start in it (a start fails at once,
+    in every process, and the guard below names the test)."""
+    expr = " ".join((config.getoption("markexpr", "") or "").split())
+    if expr == "not slow":
+        os.environ["NFB_TEST_NO_ENGINES"] = "1"
 
 
 def starts() -> list[dict]:

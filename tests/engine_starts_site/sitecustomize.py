@@ -6,7 +6,8 @@ NFB_TEST_ENGINE_STARTS; the pytest process loads this module itself. When vLLM's
 `vllm.v1.engine.core` is imported, `EngineCore.__init__` (one per engine, whatever started it:
 `vllm.LLM`, an AsyncLLM in a Ray worker, a replica) is wrapped to append one JSON line per
 start: when, how long it took, the model, the process, and the test that was running.
-Nothing of nfb is changed.
+Nothing of nfb is changed. With NFB_TEST_NO_ENGINES set (conftest sets it for `-m "not slow"`)
+a start fails at once instead, so the fast subset never loads a model.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def _patch(module) -> None:
         model = str(getattr(getattr(cfg, "model_config", None), "model", "?"))
         start, ok = time.time(), False
         try:
+            if os.environ.get("NFB_TEST_NO_ENGINES"):
+                raise RuntimeError("a real vLLM engine in a run without slow tests "
+                                   "(-m 'not slow'): mark the test slow")
             result = original(self, *args, **kwargs)
             ok = True
             return result

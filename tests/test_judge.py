@@ -617,6 +617,7 @@ def principle_genrm(tmp_path_factory):
                                              _principle_conversations(), PRINCIPLE_GENRM)
 
 
+@pytest.mark.slow
 def test_principle_genrm_mechanics(stub_cli, engines, principle_genrm, tmp_path):
     """--principle or --principle-field; what the model sees ([conversation, assistant: the
     final answer, principle]); the reasoning of a judged response left out and counted."""

@@ -31,6 +31,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from nasty import SCALARS, TEXT, values
 
+# minutes of nfb subprocesses (stub engine): not in the fast subset (-m 'not slow')
+pytestmark = pytest.mark.slow
+
 TESTS = Path(__file__).parent
 SUBPROCESS_TIMEOUT = 90
 

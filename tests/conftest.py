@@ -5,6 +5,10 @@ engine seam (`nfb.engines`) hands out a cached engine (same model, runner and en
 settings) whose close() is a no-op. Tests of mechanics use the stub engine (tests/
 stub_engine.py: a real tokenizer and chat template, deterministic outputs, no vLLM).
 Everything else, the CLI included, runs as a user runs it.
+
+Tests that start a real engine (or run nfb in subprocesses for many seconds) are marked
+`slow`; `-m "not slow"` is the fast subset, and a start in it fails at once. Every engine
+start of a run, in any process, is counted and printed at the end (tests/engine_starts.py).
 """
 
 from __future__ import annotations

@@ -83,12 +83,28 @@ def engine_key(cfg, runner: str) -> tuple:
 MAX_ENGINES = int(os.environ.get("NFB_TEST_MAX_ENGINES", "3"))
 
 
+# Files whose tests share the pytest process's engines of the tiny causal model and the
+# 9-head reward model (float32), run one after another at the end, in this order, so that
+# those two engines start once for the whole run instead of again after every file between
+# them (the cache keeps MAX_ENGINES). Every other file keeps its place, fastest feedback first.
+SHARED_ENGINE_FILES = ["test_cli_feedback.py", "test_tensor_parallel.py",
+                       "test_data_parallel.py", "test_ray.py", "test_cli_score.py",
+                       "test_too_long.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return SHARED_ENGINE_FILES.index(name) + 1 if name in SHARED_ENGINE_FILES else 0
+    items.sort(key=rank)          # stable: the order within a file never changes
+
+
 def shared_engine(engine_cfg, runner: str):
     from nfb.engines.replicas import ReplicaSet
     from nfb.engines.vllm import VLLMEngine
 
-    engine_starts.used_a_real_engine()
     key = engine_key(engine_cfg, runner)
+    engine_starts.used_a_real_engine(reused=key in _ENGINES)
     if key in _ENGINES:
         _ENGINES[key] = _ENGINES.pop(key)          # most recently used last
     else:

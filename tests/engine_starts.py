@@ -37,11 +37,13 @@ _site.install()
 
 _WINDOWS: list[tuple[str, float, float]] = []     # (test id, start, end)
 _USED = {"real": False}
+_SHARED = {"reused": 0, "started": 0}
 
 
-def used_a_real_engine() -> None:
+def used_a_real_engine(reused: bool = False) -> None:
     """conftest's shared_engine calls this: a test ran on a real engine (maybe a cached one)."""
     _USED["real"] = True
+    _SHARED["reused" if reused else "started"] += 1
     if os.environ.get("NFB_TEST_NO_ENGINES"):
         pytest.fail("a real vLLM engine in a run without slow tests: mark the test slow",
                     pytrace=False)
@@ -101,13 +103,17 @@ def _test_of(start: dict) -> str:
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     found = starts()
     shutil.rmtree(_DIR, ignore_errors=True)
+    if not _WINDOWS:
+        return
     me = os.getpid()
     here = sum(1 for s in found if me in (s["pid"], s["ppid"]))   # an LLM's EngineCore
     seconds = sum(s["s"] for s in found)
     tr = terminalreporter
     tr.write_sep("-", "vLLM engine starts")
     tr.write_line(f"engine starts: {len(found)} ({here} in the pytest process, "
-                  f"{len(found) - here} in subprocesses), {seconds:.0f} s starting engines")
+                  f"{len(found) - here} in subprocesses), {seconds:.0f} s starting engines; "
+                  f"the shared engines served {_SHARED['started'] + _SHARED['reused']} runs "
+                  f"with {_SHARED['started']} starts")
     if not found:
         return
     by_file: dict[str, list] = collections.defaultdict(list)

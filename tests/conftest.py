@@ -104,7 +104,7 @@ def shared_engine(engine_cfg, runner: str):
     from nfb.engines.vllm import VLLMEngine
 
     key = engine_key(engine_cfg, runner)
-    engine_starts.used_a_real_engine(reused=key in _ENGINES)
+    engine_starts.used_a_real_engine(reused=key in _ENGINES, key=key)
     if key in _ENGINES:
         _ENGINES[key] = _ENGINES.pop(key)          # most recently used last
     else:

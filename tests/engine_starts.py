@@ -40,9 +40,13 @@ _USED = {"real": False}
 _SHARED = {"reused": 0, "started": 0}
 
 
-def used_a_real_engine(reused: bool = False) -> None:
+_USES: list[tuple[str, str]] = []     # (test, engine key) of each shared-engine run
+
+
+def used_a_real_engine(reused: bool = False, key=None) -> None:
     """conftest's shared_engine calls this: a test ran on a real engine (maybe a cached one)."""
     _USED["real"] = True
+    _USES.append((os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0], repr(key)))
     _SHARED["reused" if reused else "started"] += 1
     if os.environ.get("NFB_TEST_NO_ENGINES"):
         pytest.fail("a real vLLM engine in a run without slow tests: mark the test slow",
@@ -105,6 +109,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     shutil.rmtree(_DIR, ignore_errors=True)
     if not _WINDOWS:
         return
+    if os.environ.get("NFB_TEST_STARTS_LOG"):   # every start and shared-engine run, as JSON
+        Path(os.environ["NFB_TEST_STARTS_LOG"]).write_text(json.dumps(
+            {"starts": [dict(s, test_id=_test_of(s)) for s in found], "uses": _USES}))
     me = os.getpid()
     here = sum(1 for s in found if me in (s["pid"], s["ppid"]))   # an LLM's EngineCore
     seconds = sum(s["s"] for s in found)

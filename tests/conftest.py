@@ -5,6 +5,10 @@ engine seam (`nfb.engines`) hands out a cached engine (same model, runner and en
 settings) whose close() is a no-op. Tests of mechanics use the stub engine (tests/
 stub_engine.py: a real tokenizer and chat template, deterministic outputs, no vLLM).
 Everything else, the CLI included, runs as a user runs it.
+
+Tests that start a real engine (or run nfb in subprocesses for many seconds) are marked
+`slow`; `-m "not slow"` is the fast subset, and a start in it fails at once. Every engine
+start of a run, in any process, is counted and printed at the end (tests/engine_starts.py).
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # this), so give each a fixed 1 GiB instead.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+import engine_starts  # noqa: E402
 import tiny_models  # noqa: E402
+from engine_starts import (  # noqa: E402,F401  (hooks: count and print engine starts)
+    _engine_starts_guard,
+    pytest_configure,
+    pytest_runtest_protocol,
+    pytest_terminal_summary,
+)
 
 # vLLM logs while it shuts engines down at the end of the session, when pytest has already
 # closed the captured streams; those late log lines are not worth a traceback.
@@ -72,11 +83,28 @@ def engine_key(cfg, runner: str) -> tuple:
 MAX_ENGINES = int(os.environ.get("NFB_TEST_MAX_ENGINES", "3"))
 
 
+# Files whose tests share the pytest process's engines of the tiny causal model and the
+# 9-head reward model (float32), run one after another at the end, in this order, so that
+# those two engines start once for the whole run instead of again after every file between
+# them (the cache keeps MAX_ENGINES). Every other file keeps its place, fastest feedback first.
+SHARED_ENGINE_FILES = ["test_cli_feedback.py", "test_tensor_parallel.py",
+                       "test_data_parallel.py", "test_ray.py", "test_cli_score.py",
+                       "test_too_long.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return SHARED_ENGINE_FILES.index(name) + 1 if name in SHARED_ENGINE_FILES else 0
+    items.sort(key=rank)          # stable: the order within a file never changes
+
+
 def shared_engine(engine_cfg, runner: str):
     from nfb.engines.replicas import ReplicaSet
     from nfb.engines.vllm import VLLMEngine
 
     key = engine_key(engine_cfg, runner)
+    engine_starts.used_a_real_engine(reused=key in _ENGINES, key=key)
     if key in _ENGINES:
         _ENGINES[key] = _ENGINES.pop(key)          # most recently used last
     else:
@@ -90,12 +118,15 @@ def shared_engine(engine_cfg, runner: str):
 
 
 @pytest.fixture
-def engines(monkeypatch):
-    """The library's engine seam: `engines("vllm", factory)` replaces an engine for a test."""
-    import nfb.engines
+def engines(request):
+    """The library's engine seam: `engines("vllm", factory)` replaces an engine for a test
+    (nfb.engines.register_engine; the factory it replaced comes back after the test)."""
+    from nfb.engines import register_engine
 
     def use(name, factory):
-        monkeypatch.setitem(nfb.engines._FACTORIES, name, factory)
+        old = register_engine(name, factory)
+        if old is not None:
+            request.addfinalizer(lambda: register_engine(name, old))
     return use
 
 

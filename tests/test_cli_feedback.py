@@ -3,6 +3,7 @@
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import sample_rows, write_jsonl
 
 from nfb.tasks.feedback import EVAL_PROMPT, parse_level
@@ -14,6 +15,7 @@ def read(path):
     return pq.read_table(path)
 
 
+@pytest.mark.slow
 def test_output_matches_input_row_by_row(cli, models, tmp_path):
     rows = sample_rows(40)
     rows[5]["response"] = None
@@ -45,6 +47,7 @@ def test_output_matches_input_row_by_row(cli, models, tmp_path):
     assert "rows with errors" in r.output
 
 
+@pytest.mark.slow
 def test_same_text_as_llm_chat(cli, models, tmp_path):
     """nfb renders the chat itself; the model must see exactly what LLM.chat would send."""
     from conftest import shared_engine
@@ -64,6 +67,7 @@ def test_same_text_as_llm_chat(cli, models, tmp_path):
     assert read(out).column("feedback").to_pylist() == [o.outputs[0].text for o in ref]
 
 
+@pytest.mark.slow
 def test_messages_field_and_parquet_types_kept(cli, models, tmp_path):
     msgs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
              {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Sea?"},
@@ -86,6 +90,7 @@ def test_messages_field_and_parquet_types_kept(cli, models, tmp_path):
         None, "bad_messages:last turn is not from the assistant", None]
 
 
+@pytest.mark.slow
 def test_samples_and_seed(cli, models, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", sample_rows(5))
     outs = []
@@ -103,6 +108,7 @@ def test_samples_and_seed(cli, models, tmp_path):
     assert a.schema.field("feedback_level_mean").type == pa.float64()
 
 
+@pytest.mark.slow
 def test_constrain_level_gives_every_row_a_level(cli, models, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", sample_rows(8))
     out = tmp_path / "out.jsonl"
@@ -117,6 +123,7 @@ def test_constrain_level_gives_every_row_a_level(cli, models, tmp_path):
     assert meta["sampling"]["regex"].startswith("The response is (not|slightly")
 
 
+@pytest.mark.slow
 def test_prompt_too_long_is_an_error_row(cli, models, tmp_path):
     rows = sample_rows(3)
     rows[1]["prompt"] = "word " * 3000
@@ -138,6 +145,7 @@ def test_column_clash_fails_before_loading(stub_cli, engines, tiny_tokenizer_mod
     assert r.exit_code == 2 and "--prefix" in r.output
 
 
+@pytest.mark.slow
 def test_prefix_avoids_the_clash(cli, models, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl",
                       [{"prompt": "p", "response": "r", "feedback": "old", "nfb_row": 99}])

@@ -36,6 +36,7 @@ def src(tmp_path):
     return write_jsonl(tmp_path / "in.jsonl", rows), rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["llama3-70b-steerlm", "nemotron-4-340b",
                                   "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
                                   "helpfulness=1,verbosity=-0.5", None])
@@ -71,6 +72,7 @@ def test_nine_heads_and_every_weight_form(cli, models, src, tmp_path, spec):
     assert list(meta["task_settings"]["weights"].values()) == pytest.approx(list(w))
 
 
+@pytest.mark.slow
 def test_heads_equal_transformers(cli, models, src, tmp_path):
     path, rows = src
     out = tmp_path / "out.parquet"
@@ -84,6 +86,7 @@ def test_heads_equal_transformers(cli, models, src, tmp_path):
     assert abs(sum(vals) - 1) > 1e-3 and (min(vals) < 0 or max(vals) > 1)
 
 
+@pytest.mark.slow
 def test_scalar_model(cli, models, src, tmp_path):
     path, rows = src
     out = tmp_path / "out.parquet"
@@ -97,6 +100,7 @@ def test_scalar_model(cli, models, src, tmp_path):
     assert r.exit_code == 2 and "single output" in r.output
 
 
+@pytest.mark.slow
 def test_token_logit_route(cli, models, src, tmp_path):
     from transformers import AutoTokenizer
 
@@ -131,6 +135,7 @@ def test_causal_model_without_reward_token_is_refused(cli, models, src, tmp_path
     assert r.exit_code == 2 and "--reward-token" in r.output
 
 
+@pytest.mark.slow
 def test_prefix_for_helpsteer_style_inputs(cli, models, tmp_path):
     rows = [dict(r, helpfulness=3, verbosity=1) for r in sample_rows(3)]
     path = write_jsonl(tmp_path / "hs.jsonl", rows)

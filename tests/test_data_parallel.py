@@ -108,6 +108,7 @@ def _rows(path):
     return t.to_pylist(), orjson.loads(t.schema.metadata[b"nfb"])
 
 
+@pytest.mark.slow
 def test_stub_replicas_same_output_balanced_by_load_and_resumable(
         engines, tiny_tokenizer_model, src, tmp_path, monkeypatch):
     """-dp 2 (replica 0 slow) gives -dp 1's rows and fingerprint; the fast replica serves
@@ -146,6 +147,7 @@ def test_stub_replicas_same_output_balanced_by_load_and_resumable(
     assert _rows(part)[0] == b[0]
 
 
+@pytest.mark.slow
 def test_stub_replica_dies_requeued_restarted_or_run_stops(
         engines, tiny_tokenizer_model, src, tmp_path, monkeypatch):
     """A replica dies mid-run: without restarts the run stops (exit 1, one line, rows
@@ -224,6 +226,7 @@ def test_more_replicas_than_cores_refused_before_loading(stub_cli, tiny_tokenize
     assert r.exit_code == 2 and "give a number of replicas, or auto" in r.output
 
 
+@pytest.mark.slow
 def test_replica_set_requeues_a_dead_replicas_requests(tiny_tokenizer_model,
                                                                    tmp_path, monkeypatch):
     """The Engine protocol directly: every request comes back once although a replica

@@ -14,6 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import sample_rows, write_jsonl
 
+# real engines in nfb subprocesses: not in the fast subset (-m 'not slow')
+pytestmark = pytest.mark.slow
+
 ARGS = ["--max-tokens", "40", "--temperature", "0", "--dtype", "float32", "--batch-rows", "8",
         "--max-in-flight", "4", "--checkpoint-every", "0"]
 

@@ -404,6 +404,7 @@ def _transformers_texts(model_dir, conversations, max_new_tokens):
     return texts
 
 
+@pytest.mark.slow
 def test_judge_equals_transformers(cli, trained_genrm, tmp_path):
     convs = _conversations()
     expected = _transformers_texts(trained_genrm, convs, 120)
@@ -442,6 +443,7 @@ def test_judge_equals_transformers(cli, trained_genrm, tmp_path):
         assert row["judge_error"].startswith("unfinished_reasoning:")
 
 
+@pytest.mark.slow
 def test_recipe_flag_runs_a_model_as_the_pairwise_genrm(cli, trained_genrm, tmp_path):
     """--recipe: the model runs as the 235B recipe says (two responses only; its context
     limit and card in the provenance)."""
@@ -615,6 +617,7 @@ def principle_genrm(tmp_path_factory):
                                              _principle_conversations(), PRINCIPLE_GENRM)
 
 
+@pytest.mark.slow
 def test_principle_genrm_mechanics(stub_cli, engines, principle_genrm, tmp_path):
     """--principle or --principle-field; what the model sees ([conversation, assistant: the
     final answer, principle]); the reasoning of a judged response left out and counted."""

@@ -89,6 +89,7 @@ def sub_env(tmp_path):
     return env
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_output_one_is_refused_the_other_exact(stub_cli, data, model,
                                                                 tmp_path, sub_env):
     ref = reference(stub_cli, data, model, tmp_path)

@@ -170,6 +170,7 @@ def _msgs(row):
             {"role": "assistant", "content": row["response"]}]
 
 
+@pytest.mark.slow
 def test_token_zero_reward_equals_transformers(cli, rmodels, src, tmp_path):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -189,6 +190,7 @@ def test_token_zero_reward_equals_transformers(cli, rmodels, src, tmp_path):
         assert got[i]["reward"] == pytest.approx(ref, abs=2e-3)
 
 
+@pytest.mark.slow
 def test_principle_reward_equals_transformers(cli, rmodels, src, tmp_path):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -224,6 +226,7 @@ def test_principle_reward_equals_transformers(cli, rmodels, src, tmp_path):
                                                    "principle_concise": "concise"}
 
 
+@pytest.mark.slow
 def test_qwen3_classifier_equals_transformers(cli, rmodels, src, tmp_path):
     from transformers import AutoTokenizer, Qwen3ForSequenceClassification
 

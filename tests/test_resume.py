@@ -62,6 +62,7 @@ def data(tmp_path):
     return write_jsonl(tmp_path / "in.jsonl", rows)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_130(data, models, tmp_path):
     src = data
     out = tmp_path / "out.parquet"

@@ -44,6 +44,7 @@ def test_shards_scored_with_copies_of_the_model_merge(stub_cli, models, tmp_path
     assert r.exit_code == 0 and "already complete" in " ".join(r.output.split()), r.output
 
 
+@pytest.mark.slow
 def test_a_symlinked_output_name_is_the_same_output(tmp_path, models):
     """Two runs on one output reached by two names: the second is refused while the first
     holds the output (one lock and one work directory per file, whatever its name)."""

@@ -194,6 +194,7 @@ def test_missing_bucket_key_and_unreachable_store_are_one_line_errors(
     assert not (tmp_path / "o.parquet").exists()
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_with_output_on_s3(server, tiny_tokenizer_model, tmp_path):
     """`python -m nfb` from S3 to S3, killed with SIGKILL once checkpoint parts exist, then
     killed again just before the upload: the same command finishes it, and the output equals

@@ -204,6 +204,7 @@ def test_bad_policy_is_a_usage_error(stub_cli, rm, tmp_path):
 F32 = ["--dtype", "float32"]   # test_cli_score's engine settings: the same shared engine
 
 
+@pytest.mark.slow
 def test_truncated_rows_score_as_rows_shortened_by_hand_on_vllm(cli, models, tmp_path):
     """The tiny reward model's own context (4,096 tokens) is the budget, so the engine is the
     one test_cli_score starts. Row 0: a prompt over the context (cut in its middle); row 1:

@@ -163,6 +163,7 @@ def test_stats_quantiles(stub_cli, scored):
     assert s["model"] and s["settings"]["weights"]["helpfulness"] == 0.65
 
 
+@pytest.mark.slow
 def test_shell_pipeline_stdin_to_stdout(models, data, tmp_path):
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
     nfb = f"{sys.executable} -m nfb"

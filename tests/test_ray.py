@@ -165,6 +165,7 @@ def stub_processor(config, preprocess=None, postprocess=None, preprocess_map_kwa
     return run
 
 
+@pytest.mark.slow   # a Ray cluster: about a minute on 2 cores
 def test_ray_pipeline_mechanics_equal_in_process(stub_cli, tiny_tokenizer_model, cluster,
                                                  inputs, tmp_path, monkeypatch):
     """The Ray pipeline (read per file, prepare in workers, parse in workers or gathered on
@@ -187,6 +188,7 @@ def test_ray_pipeline_mechanics_equal_in_process(stub_cli, tiny_tokenizer_model,
         assert cluster_summary(remote)["engine_loads"] == 2   # the replicas, loaded once
 
 
+@pytest.mark.slow   # a Ray cluster: about a minute on 2 cores
 def test_ray_stalled_replica_stops_the_run_rows_saved(stub_cli, tiny_tokenizer_model, cluster,
                                                       inputs, tmp_path, monkeypatch):
     """A replica that stops answering: the stall watchdog stops the run (exit 1, one line,

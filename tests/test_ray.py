@@ -60,9 +60,31 @@ def cluster_summary(path) -> dict:
 
 
 def _ray_pids() -> set[int]:
+    """This process's descendants that are Ray's (its GCS, raylets, workers and what they
+    started), not the shared in-process engines of other tests (their EngineCore is a
+    child of this process too, and must outlive this module)."""
     import psutil
+
+    def ray_own(q) -> bool:
+        try:
+            return "ray" in " ".join(q.cmdline()).lower()
+        except psutil.Error:
+            return False
+
     me = psutil.Process()
-    return {p.pid for p in me.children(recursive=True)}
+    out = set()
+    for p in me.children(recursive=True):
+        try:
+            chain = [p]
+            for q in p.parents():   # up to this process, not beyond
+                if q.pid == me.pid:
+                    break
+                chain.append(q)
+        except psutil.Error:
+            continue
+        if any(ray_own(q) for q in chain):
+            out.add(p.pid)
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -370,9 +370,7 @@ class RayEngine:
                     sink.maybe_flush()
                 poll_total()
         except BaseException:
-            if sink is not None:  # keep every finished row, whatever stopped the run
-                collector.drain()
-                sink.flush()
+            collector.save_finished(sink)
             raise
         finally:
             end = time.monotonic()

@@ -161,6 +161,13 @@ class Collector:
         if p.remaining == 0 and self.queue and self.queue[0] is p:
             self.drain()
 
+    def save_finished(self, sink) -> None:
+        """Keep every finished row, whatever stopped the run: emit the finished chunks and
+        flush `sink` (the checkpoint's PartWriter; None when there is no checkpoint)."""
+        if sink is not None:
+            self.drain()
+            sink.flush()
+
     def drain(self) -> None:
         while self.queue and self.queue[0].remaining == 0:
             p = self.queue.popleft()

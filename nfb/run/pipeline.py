@@ -464,9 +464,7 @@ def _stream_rows(cfg: RunConfig, task: Task, engine: Engine, collector: Collecto
                     sink.maybe_flush()
                 poll_total()
         except BaseException:
-            if sink is not None:  # keep every finished row, whatever stopped the run
-                collector.drain()
-                sink.flush()
+            collector.save_finished(sink)
             raise
         collector.drain()
         if collector.queue:  # every request came back, so nothing may be left waiting

@@ -84,19 +84,43 @@ MAX_ENGINES = int(os.environ.get("NFB_TEST_MAX_ENGINES", "3"))
 
 
 # Files whose tests share the pytest process's engines of the tiny causal model and the
-# 9-head reward model (float32), run one after another at the end, in this order, so that
-# those two engines start once for the whole run instead of again after every file between
-# them (the cache keeps MAX_ENGINES). Every other file keeps its place, fastest feedback first.
+# 9-head reward model (float32), run one after another, in this order, so that those two
+# engines start once for the whole run instead of again after every file between them (the
+# cache keeps MAX_ENGINES). Every other file keeps its place, fastest feedback first.
 SHARED_ENGINE_FILES = ["test_cli_feedback.py", "test_tensor_parallel.py",
                        "test_data_parallel.py", "test_ray.py", "test_cli_score.py",
                        "test_too_long.py"]
+# With pytest-xdist (the README's command runs 2 workers, `--dist loadgroup`): the shared-
+# engine files are one group, run by one worker in the order above; every other file is its
+# own group. Groups go out longest first (a worker that finishes takes the next), so the
+# run ends with short files on both workers, not one long file on one.
+SHARED_GROUP = "shared-engines"
+LONGEST_FIRST = ["test_faults.py", "test_judge.py", "test_kill_property.py",
+                 "test_recipes.py", "test_demo.py", "test_workflow.py", "test_resume.py",
+                 "test_convert.py", "test_storage.py", "test_outputs_safety.py"]
 
 
+@pytest.hookimpl(tryfirst=True)      # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     def rank(item):
         name = item.path.name
-        return SHARED_ENGINE_FILES.index(name) + 1 if name in SHARED_ENGINE_FILES else 0
+        if name in SHARED_ENGINE_FILES:
+            return (0, SHARED_ENGINE_FILES.index(name)) if _xdist(config) else \
+                (2, SHARED_ENGINE_FILES.index(name))
+        if _xdist(config) and name in LONGEST_FIRST:
+            return (1, LONGEST_FIRST.index(name))
+        return (1, len(LONGEST_FIRST))
     items.sort(key=rank)          # stable: the order within a file never changes
+    if _xdist(config):
+        for item in items:
+            name = item.path.name
+            item.add_marker(pytest.mark.xdist_group(
+                SHARED_GROUP if name in SHARED_ENGINE_FILES else name))
+
+
+def _xdist(config) -> bool:
+    return config.getoption("dist", "no") == "loadgroup" and \
+        (config.getoption("numprocesses", 0) or 0) != 0
 
 
 def shared_engine(engine_cfg, runner: str):

@@ -23,9 +23,16 @@ from pathlib import Path
 import pytest
 
 SITE = Path(__file__).parent / "engine_starts_site"
-_DIR = tempfile.mkdtemp(prefix="nfb-engine-starts-")
-FILE = Path(_DIR) / "starts.jsonl"
-os.environ["NFB_TEST_ENGINE_STARTS"] = str(FILE)
+# pytest-xdist: the controller process loads this first and its workers inherit the file's
+# name, so every worker (and what each starts) appends to the one file the controller reads
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if WORKER and os.environ.get("NFB_TEST_ENGINE_STARTS"):
+    FILE = Path(os.environ["NFB_TEST_ENGINE_STARTS"])
+else:
+    FILE = Path(tempfile.mkdtemp(prefix="nfb-engine-starts-")) / "starts.jsonl"
+    os.environ["NFB_TEST_ENGINE_STARTS"] = str(FILE)
+_DIR = FILE.parent
+USES = _DIR / "uses.jsonl"      # one line per run on a shared engine, and each pytest pid
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(SITE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
@@ -35,19 +42,21 @@ _site = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_site)        # the pytest process counts its own starts too
 _site.install()
 
-_WINDOWS: list[tuple[str, float, float]] = []     # (test id, start, end)
+# (worker, test id) -> [first start, last stop] of its phases, from the test reports
+_WINDOWS: dict[tuple[str, str], list[float]] = {}
 _USED = {"real": False}
-_SHARED = {"reused": 0, "started": 0}
 
 
-_USES: list[tuple[str, str]] = []     # (test, engine key) of each shared-engine run
+def _append(path: Path, record: dict) -> None:
+    with open(path, "ab") as f:        # one short write per line: appends never interleave
+        f.write(json.dumps(record).encode() + b"\n")
 
 
 def used_a_real_engine(reused: bool = False, key=None) -> None:
     """conftest's shared_engine calls this: a test ran on a real engine (maybe a cached one)."""
     _USED["real"] = True
-    _USES.append((os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0], repr(key)))
-    _SHARED["reused" if reused else "started"] += 1
+    _append(USES, {"test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0],
+                   "key": repr(key), "reused": reused})
     if os.environ.get("NFB_TEST_NO_ENGINES"):
         pytest.fail("a real vLLM engine in a run without slow tests: mark the test slow",
                     pytrace=False)
@@ -59,13 +68,14 @@ def pytest_configure(config):
     expr = " ".join((config.getoption("markexpr", "") or "").split())
     if expr == "not slow":
         os.environ["NFB_TEST_NO_ENGINES"] = "1"
+    _append(USES, {"pytest_pid": os.getpid()})
 
 
-def starts() -> list[dict]:
-    if not FILE.exists():
+def _lines(path: Path) -> list[dict]:
+    if not path.exists():
         return []
     out = []
-    for line in FILE.read_text().splitlines():
+    for line in path.read_text().splitlines():
         try:
             out.append(json.loads(line))
         except ValueError:
@@ -73,12 +83,24 @@ def starts() -> list[dict]:
     return out
 
 
+def starts() -> list[dict]:
+    return _lines(FILE)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     item._nfb_t0 = time.time()
     _USED["real"] = False
     yield
-    _WINDOWS.append((item.nodeid, item._nfb_t0, time.time()))
+
+
+def pytest_runtest_logreport(report):
+    """Each test's time window (setup to teardown), per worker: starts are attributed to the
+    test that ran in the same worker when the engine started."""
+    node = getattr(report, "node", None)
+    worker = getattr(getattr(node, "gateway", None), "id", "") or WORKER
+    w = _WINDOWS.setdefault((worker, report.nodeid), [report.start, report.stop])
+    w[0], w[1] = min(w[0], report.start), max(w[1], report.stop)
 
 
 @pytest.fixture(autouse=True)
@@ -90,37 +112,40 @@ def _engine_starts_guard(request):
     if item.get_closest_marker("slow"):
         return
     t0 = getattr(item, "_nfb_t0", 0.0)
-    mine = [s for s in starts() if s["t"] >= t0]
+    mine = [s for s in starts() if s["t"] >= t0 and s.get("worker", "") == WORKER]
     if mine or _USED["real"]:
         pytest.fail(f"{item.nodeid} runs a real vLLM engine ({len(mine)} started) but is not "
                     "marked slow: add @pytest.mark.slow", pytrace=False)
 
 
 def _test_of(start: dict) -> str:
-    for nodeid, t0, t1 in _WINDOWS:
-        if t0 <= start["t"] <= t1:
+    for (worker, nodeid), (t0, t1) in _WINDOWS.items():
+        if worker == start.get("worker", "") and t0 <= start["t"] <= t1:
             return nodeid
     name = start.get("test", "").rsplit(" (", 1)[0]
     return name or "(outside any test)"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    found = starts()
+    if WORKER:                 # the controller reads the file and prints, once
+        return
+    found, uses = starts(), _lines(USES)
     shutil.rmtree(_DIR, ignore_errors=True)
     if not _WINDOWS:
         return
+    runs = [u for u in uses if "key" in u]
+    started = sum(1 for u in runs if not u["reused"])
     if os.environ.get("NFB_TEST_STARTS_LOG"):   # every start and shared-engine run, as JSON
         Path(os.environ["NFB_TEST_STARTS_LOG"]).write_text(json.dumps(
-            {"starts": [dict(s, test_id=_test_of(s)) for s in found], "uses": _USES}))
-    me = os.getpid()
-    here = sum(1 for s in found if me in (s["pid"], s["ppid"]))   # an LLM's EngineCore
+            {"starts": [dict(s, test_id=_test_of(s)) for s in found], "uses": runs}))
+    pytest_pids = {u["pytest_pid"] for u in uses if "pytest_pid" in u}
+    here = sum(1 for s in found if pytest_pids & {s["pid"], s["ppid"]})  # an LLM's EngineCore
     seconds = sum(s["s"] for s in found)
     tr = terminalreporter
     tr.write_sep("-", "vLLM engine starts")
-    tr.write_line(f"engine starts: {len(found)} ({here} in the pytest process, "
+    tr.write_line(f"engine starts: {len(found)} ({here} in pytest processes, "
                   f"{len(found) - here} in subprocesses), {seconds:.0f} s starting engines; "
-                  f"the shared engines served {_SHARED['started'] + _SHARED['reused']} runs "
-                  f"with {_SHARED['started']} starts")
+                  f"the shared engines served {len(runs)} runs with {started} starts")
     if not found:
         return
     by_file: dict[str, list] = collections.defaultdict(list)

@@ -70,7 +70,7 @@ def test_weights_spelled_two_ways_are_one_run(stub_cli, tmp_path, src, engines):
     t = table(out)
     assert t.column("nfb_row").to_pylist() == list(range(60))
     r = stub_cli("score", src, "-o", out, "--model", rm, "--weights", "llama3-70b-steerlm")
-    assert r.exit_code == 0 and "already complete" in r.output
+    assert r.exit_code == 0 and "already complete" in r.output, r.output
     # another weight vector is another run
     r = stub_cli("score", src, "-o", out, "--model", rm, "--weights", "helpfulness=1")
     assert r.exit_code == 2 and "--overwrite" in r.output

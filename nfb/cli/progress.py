@@ -102,7 +102,7 @@ class RichProgress:
 def print_summary(console: Console, result: RunResult, task: str) -> None:
     if result.already_done:
         console.print(f"[green]{result.output} is already complete[/] ({result.rows:,} rows); "
-                      "nothing to do (--overwrite to run again)")
+                      "nothing to do (--overwrite to run again)", soft_wrap=True)
     console.print(f"nfb {task}: {result.output}", soft_wrap=True, style="bold")
     t = Table(show_header=False)
     t.add_column("what", style="bold")

@@ -41,6 +41,7 @@ def _record(start: float, ok: bool, model: str, settings: str = "") -> None:
                        "model": model, "settings": settings, "pid": os.getpid(),
                        "ppid": os.getppid(),
                        "test": os.environ.get("PYTEST_CURRENT_TEST", ""),
+                       "worker": os.environ.get("PYTEST_XDIST_WORKER", ""),
                        "argv": " ".join(sys.argv[:3])})
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

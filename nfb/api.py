@@ -501,8 +501,7 @@ def score(
     if hf_overrides:
         cfg = replace(cfg, engine=replace(cfg.engine, hf_overrides=hf_overrides))
     cfg = _card_context(cfg, task.context_limit, facts, log)
-    if getattr(task, "principles", None) is not None:
-        # every principle of a row repeats the conversation: cache the shared prefix
+    if task.shares_prefixes:       # e.g. every principle of a row repeats the conversation
         cfg = replace(cfg, engine=replace(cfg.engine, enable_prefix_caching=True))
     return _go(cfg, for_fields(task, cfg), dry_run, card, progress, log, facts)
 

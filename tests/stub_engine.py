@@ -13,6 +13,7 @@ import json
 import os
 import struct
 
+from nfb.engines.base import Engine
 from nfb.errors import EngineDied
 
 LABELS = ["not", "slightly", "partially", "mostly", "perfectly"]
@@ -33,7 +34,7 @@ def stub_heads(ids: list[int], n: int) -> list[float]:
     return [round((d[i % 32] - 128) / 32.0 + i * 0.01, 6) for i in range(n)]
 
 
-class StubEngine:
+class StubEngine(Engine):
     def __init__(self, cfg, runner: str, die_after: int | None = None):
         from transformers import AutoTokenizer
 

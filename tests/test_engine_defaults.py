@@ -34,3 +34,40 @@ def test_enforce_eager_flag_reaches_the_engine(stub_cli, engines, models, tmp_pa
                  "--max-tokens", "16", *flag)
     assert r.exit_code == 0, r.output
     assert seen == [expected]
+
+
+def test_a_plugged_engine_that_is_not_an_engine_subclass_runs(engines, tiny_tokenizer_model,
+                                                             tmp_path):
+    """`register_engine` takes anything with the required methods (README): what it lacks
+    (replicas, processes, notes) comes from the contract's defaults, and a restart it does
+    not count itself is nfb's."""
+    import pyarrow.parquet as pq
+    from stub_engine import StubEngine
+
+    import nfb
+    from nfb.errors import EngineDied
+
+    made = []
+
+    class Bare:          # generate, tokenizer, max_model_len, close: nothing else
+        def __init__(self, cfg, runner):
+            inner = StubEngine(cfg, runner, die_after=5 if not made else None)
+            made.append(self)
+            self.tokenizer, self.max_model_len = inner.tokenizer, inner.max_model_len
+            self._inner = inner
+
+        def generate(self, requests, sampling, can_feed):
+            return self._inner.generate(requests, sampling, can_feed)
+
+        def close(self):
+            pass
+
+    engines("vllm", Bare)
+    src = write_jsonl(tmp_path / "in.jsonl", sample_rows(20))
+    out = tmp_path / "o.parquet"
+    with pytest.raises(EngineDied, match="rows are saved"):
+        nfb.feedback(src, out, model=tiny_tokenizer_model, max_tokens=16, batch_rows=2,
+                     checkpoint_every=0)
+    r = nfb.feedback(src, out, model=tiny_tokenizer_model, max_tokens=16, engine_restarts=1)
+    assert len(made) == 2 and r.data_parallel == 1
+    assert pq.read_table(out).column("nfb_row").to_pylist() == list(range(20))

@@ -60,7 +60,12 @@ def check_engine(name: str) -> None:
 
 
 def make_engine(cfg: EngineConfig, runner: str):
-    return _FACTORIES[cfg.backend](cfg, runner)
+    """Start the engine named by `cfg.backend`, as an `nfb.engines.base.Engine` (a plugged-in
+    engine that is not one gets the contract's defaults for what it lacks)."""
+    from nfb.engines.base import Engine, Plugged
+
+    engine = _FACTORIES[cfg.backend](cfg, runner)
+    return engine if isinstance(engine, Engine) else Plugged(engine)
 
 
 def _load_plugins() -> None:

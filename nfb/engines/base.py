@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from nfb.config import SamplingConfig
 
@@ -18,19 +18,84 @@ from nfb.config import SamplingConfig
 Request = tuple[Any, list[int]]
 
 
-class Engine(Protocol):
+class Engine:
+    """The engine contract. nfb's engines subclass it; the defaults are those of one engine
+    in this process, and an engine overrides what it does differently.
+
+    Required: `max_model_len`, `tokenizer`, and `generate` or `classify` for the runners it
+    serves. The rest (replicas, restarts an engine does itself, its processes, cluster
+    counts, running the whole row pipeline itself) are declared here once, so the run reads
+    them instead of probing an engine's shape.
+    """
+
     max_model_len: int
     tokenizer: Any                       # a Hugging Face tokenizer (chat template, encode)
+    data_parallel: int = 1               # model replicas behind this engine (-dp, Ray)
+    restarts_used: int = 0               # engine restarts the engine did itself (replicas)
+    run_counts: dict | None = None       # cluster counts for the summary (Ray)
+    streams_rows: bool = False           # True: `stream_rows` runs the row pipeline (Ray)
 
     def generate(self, requests: Iterable[Request], sampling: SamplingConfig,
                  can_feed: Callable[[], bool]) -> Iterator[tuple[Any, list[str]]]:
         """(key, generated texts) as each request finishes; pulls requests lazily."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate")
 
     def classify(self, requests: Iterable[Request],
                  can_feed: Callable[[], bool]) -> Iterator[tuple[Any, list[float]]]:
         """(key, raw head outputs) as each request finishes; pulls requests lazily."""
+        raise NotImplementedError(f"{type(self).__name__} does not classify")
 
-    def close(self) -> None: ...
+    def stream_rows(self, cfg, task, collector, done, sink, poll_total, *, budget: int,
+                    preparer) -> None:
+        """Read, prepare, score and collect every row not done (`streams_rows` engines)."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream rows")
+
+    def pids(self) -> list[tuple[int, float]]:
+        """(pid, start time) of the engine's processes: a killed run's leftovers are stopped
+        by the next run."""
+        return []
+
+    def set_note(self, note: Callable[[str], None]) -> None:
+        """Where to say something mid-run (e.g. that a replica restarts)."""
+
+    def close(self) -> None:
+        pass
+
+
+class Plugged(Engine):
+    """An engine plugged in through `register_engine` that does not subclass `Engine`:
+    its own methods, and the contract's defaults for what it lacks."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    # read from the engine each time (a replica set counts its restarts as they happen)
+    data_parallel = property(lambda self: getattr(self.inner, "data_parallel", 1))
+    restarts_used = property(lambda self: getattr(self.inner, "restarts_used", 0))
+    run_counts = property(lambda self: getattr(self.inner, "run_counts", None))
+    streams_rows = property(lambda self: bool(getattr(self.inner, "streams_rows", False)))
+
+    def __getattr__(self, name: str):       # tokenizer, max_model_len, the engine's own
+        return getattr(self.inner, name)
+
+    def generate(self, requests, sampling, can_feed):
+        return self.inner.generate(requests, sampling, can_feed)
+
+    def classify(self, requests, can_feed):
+        return self.inner.classify(requests, can_feed)
+
+    def stream_rows(self, *args, **kwargs) -> None:
+        self.inner.stream_rows(*args, **kwargs)
+
+    def pids(self) -> list[tuple[int, float]]:
+        return self.inner.pids() if callable(getattr(self.inner, "pids", None)) else []
+
+    def set_note(self, note: Callable[[str], None]) -> None:
+        if callable(getattr(self.inner, "set_note", None)):
+            self.inner.set_note(note)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from nfb.config import EngineConfig, RunConfig, SamplingConfig
-from nfb.engines.base import Request
+from nfb.engines.base import Engine, Request
 from nfb.engines.vllm import engine_kwargs, sampling_kwargs
 from nfb.errors import EngineDied, UsageError
 
@@ -180,8 +180,10 @@ def _postprocess(task, generate: bool, samples: int):
 
 # --- the engine (driver side) ---------------------------------------------------------------
 
-class RayEngine:
+class RayEngine(Engine):
     """The Ray backend: `stream_rows` runs the whole row pipeline on the cluster."""
+
+    streams_rows = True
 
     def __init__(self, cfg: EngineConfig, runner: str):
         import ray

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nfb.config import EngineConfig, SamplingConfig
-from nfb.engines.base import Request
+from nfb.engines.base import Engine, Request
 from nfb.errors import EngineDied, ModelError, UsageError
 
 DEFAULT_REPLICA = "nfb.engines.vllm:VLLMEngine"
@@ -359,7 +359,7 @@ class _Request:
     replica: int = -1
 
 
-class ReplicaSet:
+class ReplicaSet(Engine):
     """The Engine protocol over N replica processes (see the module's docstring)."""
 
     def __init__(self, cfg: EngineConfig, runner: str, replica: str = DEFAULT_REPLICA,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from nfb.config import EngineConfig, SamplingConfig
-from nfb.engines.base import Request
+from nfb.engines.base import Engine, Request
 
 # vLLM logs to stdout by default; nfb keeps stdout for data.
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -104,7 +104,7 @@ def engine_kwargs(cfg: EngineConfig, runner: str) -> dict:
     return kwargs
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     """One vLLM `LLM` for a run: 'generate' for feedback, 'pooling' for score.
 
     Faults: the engine's processes are registered with a guardian (nfb.engines.guard) so they

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 import orjson
 import pyarrow as pa
@@ -225,17 +226,36 @@ def merge_tables(path: str, sources: Iterable[Iterable[pa.Table]] | list[str],
     return writer.rows
 
 
+class Sink(Protocol):
+    """Where a run's finished rows go, in input order (the run is handed one)."""
+
+    checkpoints: bool      # rows written here are kept for a resume
+
+    def add(self, table: pa.Table) -> None: ...
+    def maybe_flush(self) -> None: ...     # when a checkpoint is due
+    def flush(self) -> None: ...           # keep everything added so far
+    def close(self) -> None: ...           # the run is over
+
+
 class StdoutWriter:
     """`-o -`: JSONL rows to stdout as soon as they are in order (no checkpoint)."""
+
+    checkpoints = False
 
     def __init__(self):
         self._writer: OutputWriter | None = None
 
-    def write(self, table: pa.Table) -> None:
+    def add(self, table: pa.Table) -> None:
         if self._writer is None:
             self._writer = OutputWriter(STDOUT, table.schema, None)
         self._writer.schema = table.schema  # JSONL: each chunk keeps its own columns
         self._writer.write(table)
+
+    def maybe_flush(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         if self._writer is not None:
@@ -249,6 +269,8 @@ class PartWriter:
     one, whichever comes first, so a kill loses at most that much work. Where parts are cut
     never changes the final output.
     """
+
+    checkpoints = True
 
     def __init__(self, directory: Path, part_rows: int, seconds: float, row_column: str):
         self.dir = Path(directory)
@@ -285,3 +307,6 @@ class PartWriter:
         self.written_rows += self._buf_rows
         self.parts += 1
         self._buf, self._buf_rows = [], 0
+
+    def close(self) -> None:
+        self.flush()

@@ -163,8 +163,8 @@ class Collector:
 
     def save_finished(self, sink) -> None:
         """Keep every finished row, whatever stopped the run: emit the finished chunks and
-        flush `sink` (the checkpoint's PartWriter; None when there is no checkpoint)."""
-        if sink is not None:
+        flush `sink` when it checkpoints (stdout gets only what the run finished)."""
+        if sink.checkpoints:
             self.drain()
             sink.flush()
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from nfb.config import RunConfig
 from nfb.io.readers import Chunk, read_chunks
-from nfb.io.writers import PartWriter
+from nfb.io.writers import Sink
 from nfb.prompts import render
 from nfb.records import to_conversation
 from nfb.run.collect import Collector, _Pending
@@ -203,7 +203,7 @@ class ChunkPreparer(Feeder):
         pass
 
 
-def _requests(feeder: Feeder, collector: Collector, sink: PartWriter | None
+def _requests(feeder: Feeder, collector: Collector, sink: Sink
               ) -> Iterator[tuple[tuple[_Pending, int, int], list[int]]]:
     """Register prepared chunks with the collector and yield their engine requests."""
     for prep in feeder:
@@ -214,8 +214,7 @@ def _requests(feeder: Feeder, collector: Collector, sink: PartWriter | None
         for j, toks in prep.requests:
             collector.expect(p, j, len(toks))
         collector.add(p)
-        if sink is not None:
-            sink.maybe_flush()
+        sink.maybe_flush()
         for j, toks in prep.requests:
             for k, ids in enumerate(toks):
                 yield (p, j, k), ids

@@ -28,13 +28,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nfb.config import RunConfig, provenance, what_changed
-from nfb.engines.base import Engine
+from nfb.engines.base import Engine, Plugged
 from nfb.errors import EngineDied, Interrupted, RunError, UsageError
 from nfb.io.kway import parts_by_row
 from nfb.io.outputs import OutputLock, clean_stale_temps, write_error
 from nfb.io.readers import STDIN, count_rows, input_columns, input_schema
 from nfb.io.storage import is_url
-from nfb.io.writers import STDOUT, PartWriter, StdoutWriter, merge_tables, read_metadata
+from nfb.io.writers import STDOUT, PartWriter, Sink, StdoutWriter, merge_tables, read_metadata
 from nfb.records import to_conversation
 from nfb.run.collect import ERROR, ROW, TRUNCATED, Collector, RunResult, error_code
 from nfb.run.feed import ChunkPreparer, Feeder, _requests
@@ -224,7 +224,8 @@ def _run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine], progr
             if total is not None and total == result.resumed_rows and wd is not None:
                 log("all rows were already done; merging")
             else:
-                _process(cfg, task, engine_factory, progress, result, done, wd, total, row_col)
+                _process(cfg, task, engine_factory, progress, result, done, wd, total,
+                         _sink(cfg, wd, row_col))
             if wd is not None:
                 meta.update(started=(wd.state() or {}).get("started"), finished=_now())
                 result.rows = _finalize(cfg, task, wd, meta, result, row_col)
@@ -316,27 +317,25 @@ def _restore_notes(part: Path, cfg: RunConfig, row_notes, result: RunResult) -> 
                 result.notes.update(row_notes(conv))
 
 
+def _sink(cfg: RunConfig, wd: WorkDir | None, row_col: str) -> Sink:
+    """Checkpoint parts in the work directory, or JSONL on stdout for `-o -`."""
+    if wd is None:
+        return StdoutWriter()
+    return PartWriter(wd.path, cfg.part_rows, cfg.checkpoint_seconds, row_col)
+
+
 def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
              progress: Progress, result: RunResult, done: np.ndarray, wd: WorkDir | None,
-             total: int | None | Future, row_col: str) -> None:
-    if wd is not None:
-        sink = PartWriter(wd.path, cfg.part_rows, cfg.checkpoint_seconds, row_col)
-        emit = sink.add
-        out_writer = None
-    else:
-        sink = None
-        out_writer = StdoutWriter()
-        emit = out_writer.write
-
+             total: int | None | Future, sink: Sink) -> None:
     def emit_and_report(table: pa.Table) -> None:
-        emit(table)
+        sink.add(table)
         progress.advance(len(table))
 
     t_load = time.monotonic()
     engine = _start(engine_factory, wd, progress)
     result.load_seconds = time.monotonic() - t_load
-    result.data_parallel = getattr(engine, "data_parallel", 1)
-    if hasattr(engine, "run_counts"):   # Ray: engine loads, replicas (the summary, provenance)
+    result.data_parallel = engine.data_parallel
+    if engine.run_counts is not None:   # Ray: engine loads, replicas (the summary, provenance)
         result.cluster = engine.run_counts
     restarts = cfg.engine.engine_restarts
     pending_total = total if isinstance(total, Future) else None
@@ -355,18 +354,16 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
                                   truncated_column=cfg.too_long != "error", note=progress.note)
             try:
                 # an engine that runs the whole row pipeline itself (Ray Data: nfb.engines.ray)
-                stream_rows = getattr(engine, "stream_rows", None)
-                if stream_rows is not None:
-                    stream_rows(cfg, task, collector, done, sink, poll_total,
-                                budget=check_budget(task, engine), preparer=ChunkPreparer)
+                if engine.streams_rows:
+                    engine.stream_rows(cfg, task, collector, done, sink, poll_total,
+                                       budget=check_budget(task, engine), preparer=ChunkPreparer)
                 else:
                     _stream_rows(cfg, task, engine, collector, done, sink, poll_total)
                 break
             except EngineDied as e:
-                if sink is not None:
-                    sink.flush()
+                sink.flush()
                 saved = result.resumed_rows + result.new_rows
-                restarts -= getattr(engine, "restarts_used", 0)   # replicas restart themselves
+                restarts -= engine.restarts_used   # replicas restart themselves
                 engine.close()
                 engine = None
                 if restarts <= 0:
@@ -379,10 +376,7 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
                 t_load = time.monotonic()
                 engine = _start(engine_factory, wd, progress)
                 result.load_seconds += time.monotonic() - t_load
-        if sink is not None:
-            sink.flush()
-        if out_writer is not None:
-            out_writer.close()
+        sink.close()
     finally:
         progress.stop()
         if engine is not None:
@@ -395,12 +389,12 @@ def _start(engine_factory: Callable[[], Engine], wd: WorkDir | None,
            progress: Progress | None = None) -> Engine:
     """Start the engine; record its processes in the work directory (for leftovers)."""
     engine = engine_factory()
-    set_note = getattr(engine, "set_note", None)   # replicas say when one restarts
-    if callable(set_note) and progress is not None:
-        set_note(progress.note)
-    pids = getattr(engine, "pids", None)
-    if wd is not None and callable(pids):
-        wd.record_engine(pids())
+    if not isinstance(engine, Engine):      # a factory handed to `run` directly
+        engine = Plugged(engine)
+    if progress is not None:
+        engine.set_note(progress.note)      # replicas say when one restarts
+    if wd is not None:
+        wd.record_engine(engine.pids())
     return engine
 
 
@@ -440,7 +434,7 @@ def check_budget(task: Task, engine: Engine) -> int:
 
 
 def _stream_rows(cfg: RunConfig, task: Task, engine: Engine, collector: Collector,
-                 done: np.ndarray, sink: PartWriter | None, poll_total: Callable[[], None]
+                 done: np.ndarray, sink: Sink, poll_total: Callable[[], None]
                  ) -> None:
     """Feed every row not yet done through the engine; emit finished chunks in order."""
     budget = check_budget(task, engine)
@@ -460,8 +454,7 @@ def _stream_rows(cfg: RunConfig, task: Task, engine: Engine, collector: Collecto
         try:
             for key, value in stream:
                 collector.output(key, value)
-                if sink is not None:
-                    sink.maybe_flush()
+                sink.maybe_flush()
                 poll_total()
         except BaseException:
             collector.save_finished(sink)

@@ -31,6 +31,9 @@ class Task:
     row_fields: tuple[str, ...] = ()
     # how many requests one conversation makes (one prompt per request)
     requests_per_conversation: int = 1
+    # its requests repeat a row's conversation (e.g. one per principle): the engine caches
+    # the shared prefix
+    shares_prefixes: bool = False
     # note code -> the one line that explains it (`row_notes` codes, said once per run)
     note_texts: dict[str, str] = {}
 

@@ -73,6 +73,7 @@ class PrincipleTask(Task):
         self.row_fields: tuple[str, ...] = (principle_field,) if principle_field else ()
         # requests per response (nfb.tasks.multi wraps this task for several responses a row)
         self.requests_per_conversation = len(self.principles) or 1
+        self.shares_prefixes = True     # every principle of a row repeats the conversation
 
     def schema(self, prefix: str):
         import pyarrow as pa

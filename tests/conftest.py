@@ -119,8 +119,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _xdist(config) -> bool:
-    return config.getoption("dist", "no") == "loadgroup" and \
-        (config.getoption("numprocesses", 0) or 0) != 0
+    """Collecting in an xdist worker of a `--dist loadgroup` run (xdist's workers collect;
+    it sets `loadgroup` there and turns `dist` off)."""
+    return bool(getattr(config.option, "loadgroup", False)) and \
+        bool(os.environ.get("PYTEST_XDIST_WORKER"))
 
 
 def shared_engine(engine_cfg, runner: str):

@@ -189,7 +189,7 @@ class vLLMEngineStageUDF:   # noqa: N801 - the name nfb counts as an engine acto
             if self.stall_once is None or not os.path.exists(self.stall_once):
                 if self.stall_once is not None:   # this stall once, then answers
                     open(self.stall_once, "w").close()
-                time.sleep(10)   # a replica that stops answering
+                time.sleep(120)   # a replica that stops answering (until killed)
         if self.generate:
             batch["generated_text"] = np.array(
                 [stub_text(t, int(s)) for t, s in zip(ids, batch["nfb_s"])], dtype=object)
@@ -254,12 +254,16 @@ def test_ray_stalled_replica_stops_the_run_rows_saved(stub_cli, tiny_tokenizer_m
     assert stub_cli("feedback", *common, "-o", local).exit_code == 0
     monkeypatch.setattr(ray.data.llm, "build_processor",
                         functools.partial(stub_processor, stall_from=16))
-    r = stub_cli("feedback", *common, "-o", remote, *ray_args(cluster), "--stall-timeout", "3")
+    r = stub_cli("feedback", *common, "-o", remote, *ray_args(cluster), "--stall-timeout", "5")
     assert r.exit_code == 1, r.output
     assert "stalled" in r.output and "rows are saved" in r.output and not remote.exists()
+    end = time.monotonic() + 30   # the stalled replica is stopped with the run, not left
+    while _engine_actors(set()) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert not _engine_actors(set())
     monkeypatch.setattr(ray.data.llm, "build_processor", functools.partial(
         stub_processor, stall_from=16, stall_once=str(tmp_path / "stalled")))
-    r = stub_cli("feedback", *common, "-o", remote, *ray_args(cluster), "--stall-timeout", "3",
+    r = stub_cli("feedback", *common, "-o", remote, *ray_args(cluster), "--stall-timeout", "15",
                  "--engine-restarts", "1")
     assert r.exit_code == 0, r.output
     assert "restarting the engine" in r.output

@@ -196,6 +196,34 @@ def _postprocess(task, generate: bool, samples: int, logprobs: bool = False):
 
 # --- the engine (driver side) ---------------------------------------------------------------
 
+def _track_executors(ds) -> list:
+    """The streaming executors that run `ds` (filled as Ray Data creates them): Ray Data
+    keeps its own reference (`Dataset._current_executor`) only once a first block has come
+    out, which a replica that stalls from the start never gives."""
+    found: list = []
+    create = getattr(ds, "_create_executor", None)
+    if callable(create):
+        def tracked():
+            executor = create()
+            found.append(executor)
+            return executor
+        ds._create_executor = tracked
+    return found
+
+
+def _stop_execution(ds, executors: list) -> None:
+    """Stop the dataset's streaming execution now, its engine actors included (a stalled or
+    interrupted run; a no-op once it has finished): else its replicas would keep their GPUs
+    from the engine a restart starts. Ray Data does this itself when the dataset is garbage
+    collected (`Dataset.__del__`), which a driver thread blocked on a stalled replica delays."""
+    for executor in [*executors, getattr(ds, "_current_executor", None)]:
+        if executor is not None:
+            try:
+                executor.shutdown(force=True)
+            except Exception:  # noqa: BLE001 - best effort: the run is stopping anyway
+                pass
+
+
 SUMMED = ("engine_loads", "scoring_seconds", "load_seconds", "driver_cpu_seconds",
           "bookkeeping_cpu_seconds")
 
@@ -454,6 +482,7 @@ class RayEngine:
             return
         q: queue.Queue = queue.Queue(maxsize=8)
         stop = threading.Event()
+        executors = _track_executors(ds)
 
         def pull() -> None:
             try:
@@ -495,6 +524,7 @@ class RayEngine:
                 yield item
         finally:
             stop.set()
+            _stop_execution(ds, executors)
 
     # the Engine protocol (not used by the pipeline, which calls stream_rows)
     def generate(self, requests: Iterable[Request], sampling: SamplingConfig,

@@ -307,10 +307,12 @@ class RayEngine:
                    if aid not in self._actors_before)
 
     def _units(self, cfg: RunConfig, done: np.ndarray,
-               check_columns: Callable[[list[str]], None] | None = None) -> list[dict]:
+               check_columns: Callable[[list[str]], None] | None = None,
+               set_total: Callable[[int], None] | None = None) -> list[dict]:
         """One read unit per input file, with its first global row; files already done, or
         past --limit, are left out. Ray tasks count each file's rows and read its columns,
-        which `check_columns` checks (nfb's column clash: exit 2) before any model loads."""
+        which `check_columns` checks (nfb's column clash: exit 2) before any model loads;
+        `set_total` gets the rows of all files (the progress bar's total)."""
         import ray
 
         files = list(cfg.inputs)
@@ -321,6 +323,8 @@ class RayEngine:
         found = ray.get([fn.remote(f) for f in files])
         if check_columns is not None:   # every file's columns, in first-seen order
             check_columns(list(dict.fromkeys(c for f in found for c in f["columns"])))
+        if set_total is not None:
+            set_total(sum(f["rows"] for f in found))
         units, row = [], 0
         for f, n in zip(files, (f["rows"] for f in found)):
             first, row = row, row + n
@@ -333,14 +337,15 @@ class RayEngine:
 
     def _dataset(self, cfg: RunConfig, task, done: np.ndarray, budget: int,
                  preparer: Callable[..., Any],
-                 check_columns: Callable[[list[str]], None] | None = None):
+                 check_columns: Callable[[list[str]], None] | None = None,
+                 set_total: Callable[[int], None] | None = None):
         import ray
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
         generate = task.runner == "generate"
         samples = task.sampling.samples if generate else 1
         params = sampling_kwargs(task.sampling) if generate else None
-        units = self._units(cfg, done, check_columns)
+        units = self._units(cfg, done, check_columns, set_total)
         if not units:
             return None
         # tokenizing is the CPU work: a core per prepare task on a GPU cluster; reading is
@@ -374,16 +379,18 @@ class RayEngine:
     def stream_rows(self, cfg: RunConfig, task, collector, done: np.ndarray, sink,
                     poll_total: Callable[[], None], *, budget: int,
                     preparer: Callable[..., Any],
-                    check_columns: Callable[[list[str]], None] | None = None) -> None:
+                    check_columns: Callable[[list[str]], None] | None = None,
+                    set_total: Callable[[int], None] | None = None) -> None:
         """Run every row not yet done through the cluster; write finished chunks in order
         through `collector` (the pipeline's, with its PartWriter). The run hands in the
         prompt budget and its chunk preparer (`preparer(cfg, task, tokenizer, done, budget)`
         with `.prepare(chunk)`), which Ray's CPU workers run, and its column check
-        (`check_columns(input columns)`, exit 2 on a clash), which the counts feed."""
+        (`check_columns(input columns)`, exit 2 on a clash) and `set_total(rows)`, which
+        the workers' counts feed: the driver reads no input."""
         samples = task.sampling.samples if task.runner == "generate" else 1
         t0, cpu0, own0 = time.monotonic(), time.process_time(), time.thread_time()
         new_before = collector.result.new_rows
-        ds = self._dataset(cfg, task, done, budget, preparer, check_columns)
+        ds = self._dataset(cfg, task, done, budget, preparer, check_columns, set_total)
         chunks: dict[int, tuple] = {}          # chunk -> (pending, {j: outputs})
         early: dict[int, list] = {}            # outputs that came before their chunk's header
         resolved: set[tuple[int, int]] = set()   # rows resolved, of chunks still open

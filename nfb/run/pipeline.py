@@ -226,7 +226,9 @@ def _run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine], progr
 
     with _sigterm_as_interrupt():
         try:
-            if result.resumed_rows:  # the count decides whether the model is needed at all
+            if workers_read(cfg):   # the cluster's workers count the rows (set_total)
+                total = None
+            elif result.resumed_rows:  # the count decides whether the model is needed at all
                 total: int | None | Future = count()
             else:  # a fresh run: count beside the engine start, for the progress bar only
                 total = _in_daemon_thread(count)
@@ -376,7 +378,8 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
                     stream_rows(cfg, task, collector, done, sink, poll_total,
                                 budget=check_budget(task, engine), preparer=ChunkPreparer,
                                 check_columns=functools.partial(
-                                    check_clash, task, cfg.prefix, too_long=cfg.too_long))
+                                    check_clash, task, cfg.prefix, too_long=cfg.too_long),
+                                set_total=lambda n: progress.set_total(selected_total(n, cfg)))
                 else:
                     _stream_rows(cfg, task, engine, collector, done, sink, poll_total)
                 break

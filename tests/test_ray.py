@@ -173,12 +173,12 @@ class vLLMEngineStageUDF:   # noqa: N801 - the name nfb counts as an engine acto
     give them; `stall_from`: rows of that chunk on never answer in time."""
 
     def __init__(self, model: str, generate: bool, stall_from: int | None,
-                 stall_once: str | None = None):
+                 fail_once: str | None = None):
         import json
 
         conf = json.load(open(os.path.join(model, "config.json")))
         self.heads = int(conf.get("num_labels") or 1)
-        self.generate, self.stall_from, self.stall_once = generate, stall_from, stall_once
+        self.generate, self.stall_from, self.fail_once = generate, stall_from, fail_once
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -186,10 +186,11 @@ class vLLMEngineStageUDF:   # noqa: N801 - the name nfb counts as an engine acto
 
         ids = [[int(x) for x in t] for t in batch["tokenized_prompt"]]
         if self.stall_from is not None and max(batch["nfb_chunk"]) >= self.stall_from:
-            if self.stall_once is None or not os.path.exists(self.stall_once):
-                if self.stall_once is not None:   # this stall once, then answers
-                    open(self.stall_once, "w").close()
+            if self.fail_once is None:
                 time.sleep(120)   # a replica that stops answering (until killed)
+            elif not os.path.exists(self.fail_once):   # fails once, then answers
+                open(self.fail_once, "w").close()
+                raise RuntimeError("a replica failed")
         if self.generate:
             batch["generated_text"] = np.array(
                 [stub_text(t, int(s)) for t, s in zip(ids, batch["nfb_s"])], dtype=object)
@@ -201,7 +202,7 @@ class vLLMEngineStageUDF:   # noqa: N801 - the name nfb counts as an engine acto
 
 def stub_processor(config, preprocess=None, postprocess=None, preprocess_map_kwargs=None,
                    postprocess_map_kwargs=None, stall_from: int | None = None,
-                   stall_once: str | None = None):
+                   fail_once: str | None = None):
     """`build_processor` with the stub engine in place of vLLM: nfb's preprocess and
     postprocess, run by Ray Data as with vLLM, around `config.concurrency` stub actors."""
     generate = config.task_type == "generate"
@@ -210,7 +211,7 @@ def stub_processor(config, preprocess=None, postprocess=None, preprocess_map_kwa
         ds = ds.map(preprocess, **(preprocess_map_kwargs or {}))
         ds = ds.map_batches(vLLMEngineStageUDF, batch_size=4, concurrency=config.concurrency,
                             num_cpus=0.1, fn_constructor_args=(config.model_source, generate,
-                                                               stall_from, stall_once))
+                                                               stall_from, fail_once))
         return ds.map(postprocess, **(postprocess_map_kwargs or {}))
     return run
 
@@ -242,9 +243,9 @@ def test_ray_pipeline_mechanics_equal_in_process(stub_cli, tiny_tokenizer_model,
 def test_ray_stalled_replica_stops_the_run_rows_saved(stub_cli, tiny_tokenizer_model, cluster,
                                                       inputs, tmp_path, monkeypatch):
     """A replica that stops answering: the stall watchdog stops the run (exit 1, one line,
-    finished rows saved). The same command with --engine-restarts 1, stalled once more,
-    restarts the cluster's pipeline and finishes with the in-process rows; its counts are
-    those of both engines (a load each)."""
+    finished rows saved) and its replica with it. The same command with --engine-restarts 1,
+    whose replica fails once, restarts the cluster's pipeline and finishes with the
+    in-process rows; its counts are those of both engines (a load each)."""
     import functools
 
     import ray.data.llm
@@ -262,11 +263,10 @@ def test_ray_stalled_replica_stops_the_run_rows_saved(stub_cli, tiny_tokenizer_m
         time.sleep(0.5)
     assert not _engine_actors(set())
     monkeypatch.setattr(ray.data.llm, "build_processor", functools.partial(
-        stub_processor, stall_from=16, stall_once=str(tmp_path / "stalled")))
-    r = stub_cli("feedback", *common, "-o", remote, *ray_args(cluster), "--stall-timeout", "15",
-                 "--engine-restarts", "1")
+        stub_processor, stall_from=16, fail_once=str(tmp_path / "failed")))
+    r = stub_cli("feedback", *common, "-o", remote, *ray_args(cluster), "--engine-restarts", "1")
     assert r.exit_code == 0, r.output
-    assert "restarting the engine" in r.output
+    assert "the Ray pipeline failed" in r.output and "restarting the engine" in r.output
     same_output(local, remote)
     assert cluster_summary(remote)["engine_loads"] == 2
 

@@ -394,9 +394,6 @@ def _judge_principle(cfg: RunConfig, found, facts: ModelFacts, *, principle, pri
     if not principle and not principle_field:
         raise UsageError(f"{found.hub_id} judges a response against a principle: give "
                          "--principle TEXT or --principle-field FIELD")
-    if engine == "ray":
-        raise UsageError(f"{found.hub_id} reads log-probabilities, which --engine ray does not "
-                         "return: use --engine vllm")
     sampling = _sampling(engine, temperature=GENRM_TEMPERATURE if temperature is None
                          else temperature, top_p=1.0 if top_p is None else top_p,
                          max_tokens=GENRM_MAX_TOKENS if max_tokens is None else max_tokens,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import tiny_models
 from conftest import sample_rows, write_jsonl
 
 pytest.importorskip("ray.data.llm", reason="pip install 'nfb[ray]'")
@@ -36,7 +37,10 @@ def same_output(local, remote) -> None:
     for name in ta.column_names:
         va, vb = ta.column(name).to_pylist(), tb.column(name).to_pylist()
         if pa_float(ta.schema.field(name).type):
-            assert va == pytest.approx(vb, abs=1e-4, nan_ok=True), name
+            # lists (e.g. reward_samples): the same shape, then the values
+            assert [len(x) if isinstance(x, list) else x is None for x in va] == \
+                [len(x) if isinstance(x, list) else x is None for x in vb], name
+            assert flat(va) == pytest.approx(flat(vb), abs=1e-4, nan_ok=True), name
         else:
             assert va == vb, name
     from nfb.io.writers import read_metadata
@@ -47,6 +51,10 @@ def same_output(local, remote) -> None:
     sb.pop("cluster")
     sa.pop("data_parallel"), sb.pop("data_parallel")
     assert sa == sb
+
+
+def flat(values: list) -> list:
+    return [v for x in values for v in (x if isinstance(x, list) else [x])]
 
 
 def pa_float(t) -> bool:
@@ -110,6 +118,16 @@ def cluster():
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old_path
+        import psutil
+
+        # Ray's processes as they are now: an engine actor whose raylet the shutdown stops
+        # first is no longer this process's descendant after it (orphaned, still running)
+        left = {}
+        for pid in _ray_pids() - before:
+            try:
+                left[pid] = psutil.Process(pid)
+            except psutil.Error:
+                continue
         for _ in range(3):   # an abandoned run (the stall test) may connect Ray again
             ray.shutdown()
             try:
@@ -117,10 +135,15 @@ def cluster():
                 break
             except ValueError:
                 continue
-        for pid in _ray_pids() - before:
+        for pid in _ray_pids() - before - set(left):
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
+                pass
+        for proc in left.values():   # psutil checks it is still that process (no pid reuse)
+            try:
+                proc.kill()
+            except psutil.Error:
                 pass
 
 
@@ -149,12 +172,13 @@ class vLLMEngineStageUDF:   # noqa: N801 - the name nfb counts as an engine acto
     """The stub engine's answers (tests/stub_engine.py) as Ray Data's engine actor would
     give them; `stall_from`: rows of that chunk on never answer in time."""
 
-    def __init__(self, model: str, generate: bool, stall_from: int | None):
+    def __init__(self, model: str, generate: bool, stall_from: int | None,
+                 fail_once: str | None = None):
         import json
 
         conf = json.load(open(os.path.join(model, "config.json")))
         self.heads = int(conf.get("num_labels") or 1)
-        self.generate, self.stall_from = generate, stall_from
+        self.generate, self.stall_from, self.fail_once = generate, stall_from, fail_once
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -162,7 +186,11 @@ class vLLMEngineStageUDF:   # noqa: N801 - the name nfb counts as an engine acto
 
         ids = [[int(x) for x in t] for t in batch["tokenized_prompt"]]
         if self.stall_from is not None and max(batch["nfb_chunk"]) >= self.stall_from:
-            time.sleep(10)   # a replica that stops answering
+            if self.fail_once is None:
+                time.sleep(120)   # a replica that stops answering (until killed)
+            elif not os.path.exists(self.fail_once):   # fails once, then answers
+                open(self.fail_once, "w").close()
+                raise RuntimeError("a replica failed")
         if self.generate:
             batch["generated_text"] = np.array(
                 [stub_text(t, int(s)) for t, s in zip(ids, batch["nfb_s"])], dtype=object)
@@ -173,7 +201,8 @@ class vLLMEngineStageUDF:   # noqa: N801 - the name nfb counts as an engine acto
 
 
 def stub_processor(config, preprocess=None, postprocess=None, preprocess_map_kwargs=None,
-                   postprocess_map_kwargs=None, stall_from: int | None = None):
+                   postprocess_map_kwargs=None, stall_from: int | None = None,
+                   fail_once: str | None = None):
     """`build_processor` with the stub engine in place of vLLM: nfb's preprocess and
     postprocess, run by Ray Data as with vLLM, around `config.concurrency` stub actors."""
     generate = config.task_type == "generate"
@@ -182,7 +211,7 @@ def stub_processor(config, preprocess=None, postprocess=None, preprocess_map_kwa
         ds = ds.map(preprocess, **(preprocess_map_kwargs or {}))
         ds = ds.map_batches(vLLMEngineStageUDF, batch_size=4, concurrency=config.concurrency,
                             num_cpus=0.1, fn_constructor_args=(config.model_source, generate,
-                                                               stall_from))
+                                                               stall_from, fail_once))
         return ds.map(postprocess, **(postprocess_map_kwargs or {}))
     return run
 
@@ -214,7 +243,9 @@ def test_ray_pipeline_mechanics_equal_in_process(stub_cli, tiny_tokenizer_model,
 def test_ray_stalled_replica_stops_the_run_rows_saved(stub_cli, tiny_tokenizer_model, cluster,
                                                       inputs, tmp_path, monkeypatch):
     """A replica that stops answering: the stall watchdog stops the run (exit 1, one line,
-    finished rows saved), and the same command then finishes with the in-process rows."""
+    finished rows saved) and its replica with it. The same command with --engine-restarts 1,
+    whose replica fails once, restarts the cluster's pipeline and finishes with the
+    in-process rows; its counts are those of both engines (a load each)."""
     import functools
 
     import ray.data.llm
@@ -224,13 +255,20 @@ def test_ray_stalled_replica_stops_the_run_rows_saved(stub_cli, tiny_tokenizer_m
     assert stub_cli("feedback", *common, "-o", local).exit_code == 0
     monkeypatch.setattr(ray.data.llm, "build_processor",
                         functools.partial(stub_processor, stall_from=16))
-    r = stub_cli("feedback", *common, "-o", remote, *ray_args(cluster), "--stall-timeout", "3")
+    r = stub_cli("feedback", *common, "-o", remote, *ray_args(cluster), "--stall-timeout", "5")
     assert r.exit_code == 1, r.output
     assert "stalled" in r.output and "rows are saved" in r.output and not remote.exists()
-    monkeypatch.setattr(ray.data.llm, "build_processor", stub_processor)
-    r = stub_cli("feedback", *common, "-o", remote, *ray_args(cluster))
+    end = time.monotonic() + 30   # the stalled replica is stopped with the run, not left
+    while _engine_actors(set()) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert not _engine_actors(set())
+    monkeypatch.setattr(ray.data.llm, "build_processor", functools.partial(
+        stub_processor, stall_from=16, fail_once=str(tmp_path / "failed")))
+    r = stub_cli("feedback", *common, "-o", remote, *ray_args(cluster), "--engine-restarts", "1")
     assert r.exit_code == 0, r.output
+    assert "the Ray pipeline failed" in r.output and "restarting the engine" in r.output
     same_output(local, remote)
+    assert cluster_summary(remote)["engine_loads"] == 2
 
 
 @pytest.mark.slow
@@ -271,6 +309,70 @@ def test_score_two_responses_steerlm_equal_in_process(cli, models, cluster, inpu
     assert r.exit_code == 0, r.output
     same_output(local, remote)
     assert cluster_summary(remote)["engine_loads"] == 1
+
+
+PRINCIPLES = ("correctness", "brevity")
+
+
+@pytest.fixture(scope="module")
+def genrm(tmp_path_factory):
+    """One tiny Qwen3 trained (seconds) both as the Principle GenRM (a `principle` turn, then
+    "Final Judgement: Yes/No") and as a GenRM of one response (its boxed helpfulness): one
+    model, so the in-process references of both share one engine."""
+    convs = []
+    for i, r in enumerate(sample_rows(2)):
+        user = {"role": "user", "content": r["prompt"]}
+        for k, p in enumerate(PRINCIPLES):
+            convs.append(([user, {"role": "assistant", "content": r["response"]},
+                           {"role": "principle", "content": p}],
+                          tiny_models.principle_target((i + k) % 2 == 0)))
+        convs.append(([user, {"role": "response_1", "content": r["response"]}],
+                       tiny_models.genrm_target([i + 3], None)))
+    return tiny_models.build_principle_genrm(tmp_path_factory.mktemp("raygenrm") / "m", convs)
+
+
+@pytest.mark.slow
+def test_judge_and_principle_genrm_equal_in_process(cli, genrm, cluster, tmp_path):
+    """`nfb judge` on Ray, row for row the in-process output: the Principle GenRM (its reward
+    read from the log-probabilities the Ray engine stage returns; 2 samples gathered on the
+    driver) and a GenRM of one response (parsed in the workers), over two files with an error
+    row. A column clash is found by the workers' reads: exit 2, no engine started."""
+    import ray
+
+    rows = [{**r, "p": p} for r in sample_rows(2) for p in PRINCIPLES]
+    rows.append({"prompt": "Q?", "response": 42, "p": None})
+    srcs = [write_jsonl(tmp_path / "a.jsonl", rows[:3]),
+            write_jsonl(tmp_path / "b.jsonl", rows[3:])]
+    principle = ["--recipe", "qwen3-nemotron-32b-genrm-principle", "--principle-field", "p",
+                 "--samples", "2", "--temperature", "0.3", "--seed", "3"]
+    judge = ["--temperature", "0", "--max-tokens", "80"]
+    clash = write_jsonl(tmp_path / "c.jsonl", [{**rows[0], "reward": 1.0}])
+
+    def loads() -> int:
+        return sum(ENGINE in str(a.get("ActorClassName"))
+                   for a in ray._private.state.actors().values())
+    before = loads()
+    r = cli("judge", srcs[0], clash, "-o", tmp_path / "x.parquet", "--model", genrm, *principle,
+            *F32, *ray_args(cluster))
+    assert r.exit_code == 2 and "already has column(s) reward" in r.output, r.output
+    assert loads() == before    # refused before any engine started
+    for name, args in (("principle", principle), ("judge", judge)):
+        common = [*srcs, "--model", genrm, "--batch-rows", "2", *args, *F32]
+        local, remote = tmp_path / f"{name}-local.parquet", tmp_path / f"{name}-ray.parquet"
+        r = cli("judge", *common, "-o", local)
+        assert r.exit_code == 0, r.output
+        r = cli("judge", *common, "-o", remote, *ray_args(cluster))
+        assert r.exit_code == 0, r.output
+        same_output(local, remote)
+        got = pq.read_table(remote).to_pylist()
+        assert [x["nfb_error"] is None for x in got] == [True] * 4 + [False]
+        if name == "principle":   # the trained answers: rewards of both signs, from logprobs
+            rewards = [v for x in got[:4] for v in x["reward_samples"]]
+            assert any(v is not None and v > 0 for v in rewards)
+            assert any(v is not None and v < 0 for v in rewards)
+        else:
+            assert [x["helpfulness"] for x in got[:4]] == [3, 3, 4, 4]
+        assert cluster_summary(remote)["engine_loads"] == 1
 
 
 def _engine_actors(job_not: set[str]) -> list[dict]:
@@ -338,6 +440,25 @@ def test_driver_killed_then_worker_node_lost(cli, models, cluster, tmp_path):
     same_output(local, out)
     c = cluster_summary(out)
     assert c["replicas"] == 1 and c["engine_loads"] == 2   # the restart after the node loss
+
+
+def test_cluster_counts_cover_every_engine_of_the_run():
+    """After an engine restart the run's counts are those of both engines: loads and seconds
+    added up, rows per second per replica over both."""
+    from types import SimpleNamespace
+
+    from nfb.engines.ray import merged_counts
+
+    def engine(loads, rows, seconds):
+        return SimpleNamespace(rows_scored=rows, run_counts={
+            "engine": "ray", "replicas": 2, "engine_loads": loads, "scoring_seconds": seconds,
+            "load_seconds": 4.0, "driver_cpu_seconds": 1.5, "bookkeeping_cpu_seconds": 0.5,
+            "rows_per_s_per_replica": rows / seconds / 2 if seconds else 0.0})
+    got = merged_counts([engine(2, 100, 10.0), engine(3, 300, 30.0)])
+    assert got == {"engine": "ray", "replicas": 2, "engine_loads": 5, "scoring_seconds": 40.0,
+                   "load_seconds": 8.0, "driver_cpu_seconds": 3.0,
+                   "bookkeeping_cpu_seconds": 1.0, "rows_per_s_per_replica": 5.0}
+    assert merged_counts([engine(1, 0, 0.0)])["rows_per_s_per_replica"] == 0.0
 
 
 def test_ray_usage_errors(cli, models, tmp_path):

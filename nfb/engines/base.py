@@ -46,8 +46,9 @@ class Engine:
         raise NotImplementedError(f"{type(self).__name__} does not classify")
 
     def stream_rows(self, cfg, task, collector, done, sink, poll_total, *, budget: int,
-                    preparer) -> None:
-        """Read, prepare, score and collect every row not done (`streams_rows` engines)."""
+                    preparer, check_columns=None, set_total=None) -> None:
+        """Read, prepare, score and collect every row not done (`streams_rows` engines; the
+        engine's workers read the inputs, so it checks their columns and gives the total)."""
         raise NotImplementedError(f"{type(self).__name__} does not stream rows")
 
     def pids(self) -> list[tuple[int, float]]:

@@ -61,13 +61,14 @@ def _tokenizer(model: str, revision: str | None, trust: bool):
     return _TOKENIZERS[key]
 
 
-def count_file(path: str) -> int:
-    """Rows of one input file, as `nfb.io.readers.count_rows` counts them."""
-    from nfb.io.readers import count_rows
+def count_file(path: str) -> dict:
+    """Rows of one input file, as `nfb.io.readers.count_rows` counts them, and its columns,
+    as `nfb.io.readers.input_columns` reads them (Ray task: the driver never reads inputs)."""
+    from nfb.io.readers import count_rows, input_columns
     n = count_rows([path])
     if n is None:
         raise UsageError("--engine ray cannot read stdin: pass files")
-    return n
+    return {"rows": n, "columns": input_columns([path])}
 
 
 def read_unit(item: dict, batch_rows: int, max_line_bytes: int, limit: int | None
@@ -160,15 +161,30 @@ def _preprocess(params: dict | None, samples: int):
     return pre
 
 
-def _postprocess(task, generate: bool, samples: int):
+def ray_sample(text: str, logprobs) -> Any:
+    """Ray Data LLM's output as the in-process engine's `Sample` (nfb.engines.vllm._sample):
+    the text and the top-k log-probabilities of its last tokens. The engine stage gives one
+    {token id: {"logprob", "rank", "decoded_token"}} per generated token."""
+    from nfb.engines.base import LOGPROB_TAIL, Sample
+
+    tail = list(logprobs if logprobs is not None else [])[-LOGPROB_TAIL:]
+    return Sample(text, tuple({int(t): float(lp["logprob"]) for t, lp in pos.items()
+                               if lp is not None} for pos in tail))
+
+
+def _postprocess(task, generate: bool, samples: int, logprobs: bool = False):
     """The processor's postprocess: parse in the worker when a row is one request and one
     sample (else the driver gathers the row's outputs and parses them)."""
     def post(row: dict) -> dict:
         if row["nfb_dummy"]:
             out = b""
         else:
-            value = [str(row["generated_text"])] if generate else \
-                [float(x) for x in np.asarray(row["embeddings"]).reshape(-1)]
+            if not generate:
+                value = [float(x) for x in np.asarray(row["embeddings"]).reshape(-1)]
+            elif logprobs:
+                value = [ray_sample(str(row["generated_text"]), row.get("logprobs"))]
+            else:
+                value = [str(row["generated_text"])]
             if row["nfb_n"] == 1 and samples == 1:
                 out = pickle.dumps((True, task.parse([value])), protocol=5)
             else:
@@ -179,6 +195,55 @@ def _postprocess(task, generate: bool, samples: int):
 
 
 # --- the engine (driver side) ---------------------------------------------------------------
+
+def _track_executors(ds) -> list:
+    """The streaming executors that run `ds` (filled as Ray Data creates them): Ray Data
+    keeps its own reference (`Dataset._current_executor`) only once a first block has come
+    out, which a replica that stalls from the start never gives."""
+    found: list = []
+    create = getattr(ds, "_create_executor", None)
+    if callable(create):
+        def tracked():
+            executor = create()
+            found.append(executor)
+            return executor
+        ds._create_executor = tracked
+    return found
+
+
+def _stop_execution(ds, executors: list) -> None:
+    """Stop the dataset's streaming execution now, its engine actors included (a stalled or
+    interrupted run; a no-op once it has finished): else its replicas would keep their GPUs
+    from the engine a restart starts. Ray Data does this itself when the dataset is garbage
+    collected (`Dataset.__del__`), which a driver thread blocked on a stalled replica delays."""
+    for executor in [*executors, getattr(ds, "_current_executor", None)]:
+        if executor is not None:
+            try:
+                executor.shutdown(force=True)
+            except Exception:  # noqa: BLE001 - best effort: the run is stopping anyway
+                pass
+
+
+SUMMED = ("engine_loads", "scoring_seconds", "load_seconds", "driver_cpu_seconds",
+          "bookkeeping_cpu_seconds")
+
+
+def merged_counts(engines: list) -> dict:
+    """The run's counts over every engine it started (a restart after a stalled or lost
+    cluster starts another): loads and seconds added up, rows per second per replica over
+    all of them."""
+    out: dict = {}
+    for e in engines:
+        out.update({k: v for k, v in e.run_counts.items() if k not in SUMMED})
+        for k in SUMMED:
+            if k in e.run_counts:
+                out[k] = round(out.get(k, 0) + e.run_counts[k], 3)
+    rows = sum(getattr(e, "rows_scored", 0) for e in engines)
+    seconds = sum(e.run_counts.get("scoring_seconds", 0.0) for e in engines)
+    replicas = max(1, int(out.get("replicas", 1) or 1))
+    out["rows_per_s_per_replica"] = round(rows / seconds / replicas, 3) if seconds > 0 else 0.0
+    return out
+
 
 class RayEngine(Engine):
     """The Ray backend: `stream_rows` runs the whole row pipeline on the cluster."""
@@ -196,6 +261,7 @@ class RayEngine(Engine):
         self.data_parallel = cfg.replicas
         self.run_counts: dict = {"engine": "ray", "replicas": cfg.replicas, "engine_loads": 0,
                                  "rows_per_s_per_replica": 0.0}
+        self.rows_scored = 0   # rows this engine's pipeline finished (for merged_counts)
         self._own_ray = not ray.is_initialized() and cfg.ray_address is None
         if not ray.is_initialized():
             import logging
@@ -242,42 +308,46 @@ class RayEngine(Engine):
         return sum(1 + r for aid, r in self._engine_actors().items()
                    if aid not in self._actors_before)
 
-    def _units(self, cfg: RunConfig, done: np.ndarray) -> list[dict]:
-        """One read unit per input file, with its first global row (counted by Ray tasks
-        when there are several files); files already done, or past --limit, are left out."""
+    def _units(self, cfg: RunConfig, done: np.ndarray,
+               check_columns: Callable[[list[str]], None] | None = None,
+               set_total: Callable[[int], None] | None = None) -> list[dict]:
+        """One read unit per input file, with its first global row; files already done, or
+        past --limit, are left out. Ray tasks count each file's rows and read its columns,
+        which `check_columns` checks (nfb's column clash: exit 2) before any model loads;
+        `set_total` gets the rows of all files (the progress bar's total)."""
         import ray
 
         files = list(cfg.inputs)
         if "-" in files:   # stdin is the driver's: the workers cannot read it
             raise UsageError("--engine ray reads input files on the workers: pass files, "
                              "not '-' (stdin)")
-        counts = [0] * len(files)
-        if len(files) > 1:
-            fn = ray.remote(num_cpus=0.25, max_retries=3)(count_file)
-            counts = ray.get([fn.remote(f) for f in files[:-1]]) + [None]
+        fn = ray.remote(num_cpus=0.25, max_retries=3)(count_file)
+        found = ray.get([fn.remote(f) for f in files])
+        if check_columns is not None:   # every file's columns, in first-seen order
+            check_columns(list(dict.fromkeys(c for f in found for c in f["columns"])))
+        if set_total is not None:
+            set_total(sum(f["rows"] for f in found))
         units, row = [], 0
-        for f, n in zip(files, counts):
-            first = row
-            row = row + n if n is not None else None
+        for f, n in zip(files, (f["rows"] for f in found)):
+            first, row = row, row + n
             if cfg.limit is not None and first >= cfg.limit:
                 break
-            if n is not None and n > 0 and first + n <= len(done) \
-                    and bool(done[first:first + n].all()):
+            if n > 0 and first + n <= len(done) and bool(done[first:first + n].all()):
                 continue   # finished in an earlier run: not read at all
             units.append({"path": f, "first_row": first})
-            if row is None:
-                break
         return units
 
     def _dataset(self, cfg: RunConfig, task, done: np.ndarray, budget: int,
-                 preparer: Callable[..., Any]):
+                 preparer: Callable[..., Any],
+                 check_columns: Callable[[list[str]], None] | None = None,
+                 set_total: Callable[[int], None] | None = None):
         import ray
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
         generate = task.runner == "generate"
         samples = task.sampling.samples if generate else 1
         params = sampling_kwargs(task.sampling) if generate else None
-        units = self._units(cfg, done)
+        units = self._units(cfg, done, check_columns, set_total)
         if not units:
             return None
         # tokenizing is the CPU work: a core per prepare task on a GPU cluster; reading is
@@ -302,22 +372,27 @@ class RayEngine(Engine):
             chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
         )
         small = {"num_cpus": 0.1 if not self.gpus else 0.25}
+        logprobs = bool(params and params.get("logprobs"))   # the Principle GenRM reads them
         processor = build_processor(config, preprocess=_preprocess(params, samples),
-                                    postprocess=_postprocess(task, generate, samples),
+                                    postprocess=_postprocess(task, generate, samples, logprobs),
                                     preprocess_map_kwargs=small, postprocess_map_kwargs=small)
         return processor(ds)
 
     def stream_rows(self, cfg: RunConfig, task, collector, done: np.ndarray, sink,
                     poll_total: Callable[[], None], *, budget: int,
-                    preparer: Callable[..., Any]) -> None:
+                    preparer: Callable[..., Any],
+                    check_columns: Callable[[list[str]], None] | None = None,
+                    set_total: Callable[[int], None] | None = None) -> None:
         """Run every row not yet done through the cluster; write finished chunks in order
         through `collector` (the pipeline's, with its PartWriter). The run hands in the
         prompt budget and its chunk preparer (`preparer(cfg, task, tokenizer, done, budget)`
-        with `.prepare(chunk)`), which Ray's CPU workers run."""
+        with `.prepare(chunk)`), which Ray's CPU workers run, and its column check
+        (`check_columns(input columns)`, exit 2 on a clash) and `set_total(rows)`, which
+        the workers' counts feed: the driver reads no input."""
         samples = task.sampling.samples if task.runner == "generate" else 1
         t0, cpu0, own0 = time.monotonic(), time.process_time(), time.thread_time()
         new_before = collector.result.new_rows
-        ds = self._dataset(cfg, task, done, budget, preparer)
+        ds = self._dataset(cfg, task, done, budget, preparer, check_columns, set_total)
         chunks: dict[int, tuple] = {}          # chunk -> (pending, {j: outputs})
         early: dict[int, list] = {}            # outputs that came before their chunk's header
         resolved: set[tuple[int, int]] = set()   # rows resolved, of chunks still open
@@ -380,6 +455,7 @@ class RayEngine(Engine):
             collector.result.load_seconds += loaded - t0
             seconds = end - loaded   # scoring, not loading
             rows = collector.result.new_rows - new_before
+            self.rows_scored += rows
             self.run_counts.update(
                 engine_loads=self.engine_loads(), scoring_seconds=round(seconds, 3),
                 load_seconds=round(loaded - t0, 3),
@@ -415,6 +491,7 @@ class RayEngine(Engine):
             return
         q: queue.Queue = queue.Queue(maxsize=8)
         stop = threading.Event()
+        executors = _track_executors(ds)
 
         def pull() -> None:
             try:
@@ -456,6 +533,7 @@ class RayEngine(Engine):
                 yield item
         finally:
             stop.set()
+            _stop_execution(ds, executors)
 
     # the Engine protocol (not used by the pipeline, which calls stream_rows)
     def generate(self, requests: Iterable[Request], sampling: SamplingConfig,

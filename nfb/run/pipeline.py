@@ -14,6 +14,7 @@ chunks are added while earlier ones are still generating.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -103,13 +104,21 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def prepare(cfg: RunConfig, task: Task) -> tuple[str, dict]:
-    """Checks that need no model: column clashes. Returns (fingerprint, provenance)."""
-    check_clash(task, cfg.prefix, input_columns(list(cfg.inputs)), cfg.too_long)
+def prepare(cfg: RunConfig, task: Task, columns: bool = True) -> tuple[str, dict]:
+    """Checks that need no model: column clashes (unless `columns` is False: --engine ray
+    checks them from its workers' reads, before the model loads). Returns (fingerprint,
+    provenance)."""
+    if columns:
+        check_clash(task, cfg.prefix, input_columns(list(cfg.inputs)), cfg.too_long)
     settings = task.settings()
     meta = provenance(cfg, task.name, settings,
                       {"columns": added_columns(task, cfg.prefix, cfg.too_long)})
     return meta["fingerprint"], meta
+
+
+def workers_read(cfg: RunConfig) -> bool:
+    """The inputs are read on a cluster's workers (--engine ray), never by this process."""
+    return cfg.engine.backend == "ray"
 
 
 def output_exists(path: str) -> bool:
@@ -171,7 +180,7 @@ def run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine] | None 
 
         def engine_factory() -> Engine:
             return make_engine(cfg.engine, task.runner)
-    fp, meta = prepare(cfg, task)
+    fp, meta = prepare(cfg, task, columns=not workers_read(cfg))
     if cfg.output == STDOUT:
         return _run(cfg, task, engine_factory, progress, log, fp, meta, t0)
     with OutputLock(cfg.output):   # one process per output: a second is refused (exit 2)
@@ -217,7 +226,9 @@ def _run(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine], progr
 
     with _sigterm_as_interrupt():
         try:
-            if result.resumed_rows:  # the count decides whether the model is needed at all
+            if workers_read(cfg):   # the cluster's workers count the rows (set_total)
+                total = None
+            elif result.resumed_rows:  # the count decides whether the model is needed at all
                 total: int | None | Future = count()
             else:  # a fresh run: count beside the engine start, for the progress bar only
                 total = _in_daemon_thread(count)
@@ -335,8 +346,15 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
     engine = _start(engine_factory, wd, progress)
     result.load_seconds = time.monotonic() - t_load
     result.data_parallel = engine.data_parallel
-    if engine.run_counts is not None:   # Ray: engine loads, replicas (the summary, provenance)
-        result.cluster = engine.run_counts
+    ran: list[Engine] = []   # Ray: each engine's loads, replicas, rates (summary, provenance)
+
+    def counted(e: Engine) -> None:
+        if e.run_counts is not None:
+            if e not in ran:
+                ran.append(e)
+            from nfb.engines.ray import merged_counts
+            result.cluster = merged_counts(ran)
+    counted(engine)
     restarts = cfg.engine.engine_restarts
     pending_total = total if isinstance(total, Future) else None
     progress.start(None if pending_total else total, result.resumed_rows)
@@ -356,7 +374,11 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
                 # an engine that runs the whole row pipeline itself (Ray Data: nfb.engines.ray)
                 if engine.streams_rows:
                     engine.stream_rows(cfg, task, collector, done, sink, poll_total,
-                                       budget=check_budget(task, engine), preparer=ChunkPreparer)
+                                       budget=check_budget(task, engine), preparer=ChunkPreparer,
+                                       check_columns=functools.partial(
+                                           check_clash, task, cfg.prefix, too_long=cfg.too_long),
+                                       set_total=lambda n: progress.set_total(
+                                           selected_total(n, cfg)))
                 else:
                     _stream_rows(cfg, task, engine, collector, done, sink, poll_total)
                 break
@@ -376,8 +398,12 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
                 t_load = time.monotonic()
                 engine = _start(engine_factory, wd, progress)
                 result.load_seconds += time.monotonic() - t_load
+                counted(engine)
         sink.close()
     finally:
+        if ran:   # every engine of the run, a restarted one's too
+            from nfb.engines.ray import merged_counts
+            result.cluster = merged_counts(ran)
         progress.stop()
         if engine is not None:
             engine.close()

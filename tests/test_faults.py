@@ -1,6 +1,6 @@
 """Engine faults with real vLLM on the tiny model, run as a user runs nfb (a subprocess):
-SIGTERM mid-run, nfb killed alone, the engine killed mid-run (with and without restarts), a
-start that cannot fit in memory, and a default run's stderr holding only nfb's own lines."""
+the engine killed mid-run, nfb killed alone, a start that cannot fit in memory, and a
+default run's stderr holding only nfb's own lines."""
 
 import os
 import re
@@ -65,7 +65,7 @@ def wait_for(cond, proc, timeout=240):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, models):
     d = tmp_path_factory.mktemp("faults")
-    rows = sample_rows(200)     # 25 parts: enough for every fault of the chain below
+    rows = sample_rows(200)     # 25 parts of 8 rows: enough for the three faults below
     src = write_jsonl(d / "in.jsonl", rows)
     ref = d / "ref.parquet"
     p = start(src, ref, models["causal"])
@@ -93,28 +93,17 @@ def test_default_stderr_holds_only_nfb_lines(data):
         assert word not in err, word
 
 
-def test_sigterm_kill_nfb_alone_kill_the_engine_restart(data, models, tmp_path):
-    """One run, four faults (each engine start costs ~40 s on a CPU, so they are chained):
-    0. SIGTERM mid-run: nfb checkpoints and exits 130, saying to run the same command again;
-    1. the resumed run's nfb pid alone is SIGKILLed: no engine process outlives it;
+def test_kill_nfb_alone_then_the_engine_then_restart(data, models, tmp_path):
+    """One run, three faults (each engine start costs ~30 s on a CPU, so they are chained):
+    1. nfb's pid alone is SIGKILLed: no engine process outlives it;
     2. the resumed run's engine is SIGKILLed: nfb exits 1 within 30 s with one line;
     3. with --engine-restarts 1 the engine is SIGKILLed again: the run finishes by itself,
     and the output equals an uninterrupted run, each row once."""
     src, ref, _ = data
     out = tmp_path / "out.parquet"
-    # 0) SIGTERM: a checkpoint and exit 130
-    p = start(src, out, models["causal"])
-    wait_for(lambda: len(parts(out)) >= 2, p)
-    os.kill(p.pid, signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err.decode()[-2000:]
-    assert "run the same command again" in err.decode()
-    n0 = len(parts(out))
-    assert n0 >= 2
-
     # 1) nfb killed alone
     p = start(src, out, models["causal"])
-    wait_for(lambda: len(parts(out)) >= n0 + 1, p)
+    wait_for(lambda: len(parts(out)) >= 1, p)
     victims = engine_procs(p.pid)
     assert victims
     os.kill(p.pid, signal.SIGKILL)      # nfb's pid only, not its group

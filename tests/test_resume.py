@@ -1,11 +1,15 @@
-"""Resume: the bookkeeping of a resumed run (refusals, a free rerun, --overwrite) on the stub
-engine.
+"""Resume: SIGTERM of a real run (vLLM in a subprocess) checkpoints and exits 130, and the
+bookkeeping of a resumed run (refusals, a free rerun, --overwrite) on the stub engine.
 
-SIGTERM of a real run (vLLM in a subprocess: a checkpoint, exit 130), kills of a real engine
-and of nfb alone, each followed by a resume equal to an uninterrupted greedy run, are one
-chain of runs in test_faults.py (an engine start costs ~40 s on a CPU). Kills at random
-points (also during the final merge and cleanup) are property-tested on the stub engine in
-test_kill_property.py."""
+Kills at random points (also during the final merge and cleanup) are property-tested on the
+stub engine in test_kill_property.py; kills of a real engine and of nfb alone, each followed
+by a resume equal to an uninterrupted greedy run, are in test_faults.py."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,9 +19,32 @@ ARGS = ["--max-tokens", "40", "--temperature", "0", "--dtype", "float32", "--bat
         "--max-in-flight", "4", "--checkpoint-every", "0"]
 
 
+def start(src, out, model, *extra):
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "nfb", "feedback", str(src), "-o", str(out), "--model",
+         str(model), *ARGS, *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+
+
 def parts(out):
     wd = out.with_name(out.name + ".nfb")
     return sorted(wd.glob("part-*.parquet")) if wd.exists() else []
+
+
+def kill_when(proc, cond, timeout=240):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        if proc.poll() is not None:
+            raise AssertionError("the run ended before the kill point:\n"
+                                 + proc.stderr.read().decode()[-3000:])
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("the run never reached the kill point")
 
 
 def compare(out, ref):
@@ -33,6 +60,21 @@ def data(tmp_path):
     rows = sample_rows(120)
     rows[17] = {"id": 17, "prompt": "no response"}
     return write_jsonl(tmp_path / "in.jsonl", rows)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_130(data, models, tmp_path):
+    src = data
+    out = tmp_path / "out.parquet"
+    p = start(src, out, models["causal"])
+    t0 = time.monotonic()
+    while len(parts(out)) < 2 and p.poll() is None and time.monotonic() - t0 < 240:
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGTERM)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr.decode()[-2000:]
+    assert "run the same command again" in stderr.decode()
+    assert len(parts(out)) >= 2
 
 
 def test_resume_refuses_other_settings_and_rerun_is_free(stub_cli, engines, data,

@@ -233,14 +233,8 @@ def build_genrm(out: Path, conversations: list[tuple[list[dict], str]],
 
 
 def _train(model, tok, conversations: list[tuple[list[dict], str]], steps: int,
-           stop_loss: float = 2e-3, margin: float = 4.0) -> None:
-    """Teach `model` to write each target after its chat-templated conversation (greedy).
-
-    Training stops as soon as every target token is the argmax of its teacher-forced logits
-    by at least `margin` (logits; e^4 = 55 times the next token's probability): then greedy
-    decoding writes each target exactly, by induction over its tokens, and with a margin that
-    no float32 difference between vLLM and transformers can close. That point comes long
-    before the mean loss reaches `stop_loss` (the other way to stop)."""
+           stop_loss: float = 2e-3) -> None:
+    """Teach `model` to write each target after its chat-templated conversation (greedy)."""
     import torch
 
     seqs = []
@@ -260,17 +254,8 @@ def _train(model, tok, conversations: list[tuple[list[dict], str]], steps: int,
         mask[i, :n] = 1
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
-    targets = labels[:, 1:]
-    scored = targets != -100
     for _ in range(steps):
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        with torch.no_grad():
-            logits = out.logits[:, :-1]
-            right = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            others = logits.scatter(-1, targets.clamp(min=0).unsqueeze(-1), float("-inf"))
-            if bool(((right - others.max(-1).values)[scored] >= margin).all()):
-                break               # these weights (not yet stepped) write every target
-        loss = out.loss
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -51,7 +51,9 @@ def parts(out):
     return sorted(wd.glob("part-*.parquet")) if wd.exists() else []
 
 
-def wait_for(cond, proc, timeout=240):
+def wait_for(cond, proc, timeout=480):
+    # generous: a -dp 2 start under a loaded CI (six processes importing vLLM) once took
+    # more than 240 s to its first part; the wait ends as soon as cond() holds
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if cond():

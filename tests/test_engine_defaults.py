@@ -71,3 +71,40 @@ def test_a_plugged_engine_that_is_not_an_engine_subclass_runs(engines, tiny_toke
     r = nfb.feedback(src, out, model=tiny_tokenizer_model, max_tokens=16, engine_restarts=1)
     assert len(made) == 2 and r.data_parallel == 1
     assert pq.read_table(out).column("nfb_row").to_pylist() == list(range(20))
+
+
+def test_cpu_kv_cache_over_free_memory_is_named_with_what_to_lower():
+    """vLLM 0.32's CPU worker refuses a fixed KV cache over its NUMA node's free memory with
+    this text (vllm/v1/worker/cpu_worker.py), in the engine's log; nfb's one line names the
+    setting to lower (raising --gpu-memory-utilization, the GPU advice, would not help)."""
+    from nfb.engines.diagnose import load_failure
+
+    log = ("(Worker pid=8590) ERROR [multiproc_executor.py:1063] ValueError: Available memory "
+           "on node 0 (21.94/23.54 GiB) on kv cache allocation is less than requested memory "
+           "for kv (30.0 GiB). Decrease --kv-cache-memory-bytes, VLLM_CPU_KVCACHE_SPACE, or "
+           "reduce CPU memory used by other processes.\n")
+    line = load_failure(RuntimeError("Engine core initialization failed. See root cause "
+                                     "above. Failed core proc(s): {}"), log)
+    assert line.startswith("not enough free memory for the KV cache: Available memory on "
+                           "node 0 (21.94/23.54 GiB)")
+    assert "(30.0 GiB); lower VLLM_CPU_KVCACHE_SPACE" in line
+    assert "gpu-memory-utilization" not in line
+
+
+def test_cpu_kv_cache_larger_than_the_machine_fails_before_vllm_starts(monkeypatch):
+    """VLLM_CPU_KVCACHE_SPACE over the machine's memory: one line at once, nothing spawned."""
+    import psutil
+
+    from nfb.engines.vllm import check_cpu_kv_cache
+    from nfb.errors import ModelError
+
+    total = psutil.virtual_memory().total / 2**30
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", str(int(total) - 1))
+    check_cpu_kv_cache()                 # under the total: vLLM's own check decides
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", str(int(total) + 1))
+    if not on_cpu():
+        check_cpu_kv_cache()             # the variable means nothing on a GPU
+        return
+    with pytest.raises(ModelError, match=r"VLLM_CPU_KVCACHE_SPACE asks for [\d,]+ GiB, more "
+                                         r"than this machine's [\d.]+ GiB; lower"):
+        check_cpu_kv_cache()

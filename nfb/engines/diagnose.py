@@ -12,6 +12,11 @@ import signal
 
 # (pattern over the exception text and the engine log, cause, next step)
 _LOAD_CAUSES = [
+    # vLLM on a CPU: a fixed KV cache (VLLM_CPU_KVCACHE_SPACE, in GiB) larger than free RAM
+    (r"Available memory on node \d+ \([\d.]+/[\d.]+ GiB\) on kv cache allocation is less "
+     r"than requested memory for kv \([\d.]+ GiB\)",
+     "not enough free memory for the KV cache", "lower VLLM_CPU_KVCACHE_SPACE (GiB of KV "
+     "cache vLLM reserves on a CPU), or free memory (another process may hold it)"),
     (r"Available memory on node \d+ \(([\d.]+)/([\d.]+) GiB\) is less than desired[^\n]*",
      "not enough free memory for the engine", "lower --gpu-memory-utilization or "
      "--max-model-len, or free memory (another process may hold it)"),

@@ -84,6 +84,27 @@ def eager(cfg: EngineConfig) -> bool:
     return cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu()
 
 
+def check_cpu_kv_cache() -> None:
+    """On a CPU, a fixed KV cache (VLLM_CPU_KVCACHE_SPACE, GiB) larger than the machine's
+    memory can never start: say so before vLLM spends ~30 s spawning its engine and worker
+    processes only to fail in the worker. (A size under the total but over what is free is
+    left to vLLM's own check, which knows its NUMA node; nfb.engines.diagnose names it.)"""
+    import psutil
+
+    try:
+        want = int(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 0)
+    except ValueError:
+        return                      # vLLM's own error says what is wrong with it
+    total = psutil.virtual_memory().total / 2**30
+    if want > total and on_cpu():
+        from nfb.errors import ModelError
+
+        raise ModelError(
+            f"not enough memory for the KV cache: VLLM_CPU_KVCACHE_SPACE asks for {want:,} GiB, "
+            f"more than this machine's {total:.1f} GiB; lower VLLM_CPU_KVCACHE_SPACE (GiB of "
+            "KV cache vLLM reserves on a CPU)")
+
+
 def engine_kwargs(cfg: EngineConfig, runner: str) -> dict:
     """vLLM engine arguments for `cfg` (shared by the in-process and Ray engines)."""
     kwargs: dict[str, Any] = dict(
@@ -123,6 +144,7 @@ class VLLMEngine(Engine):
         from nfb.engines.guard import Guardian, snapshot_children
         from nfb.logs import CapturedStderr, verbose
 
+        check_cpu_kv_cache()
         self.cfg = cfg
         self.runner = runner
         self.llm = None

@@ -35,6 +35,7 @@ import tiny_models  # noqa: E402
 from engine_starts import (  # noqa: E402,F401  (hooks: count and print engine starts)
     _engine_starts_guard,
     pytest_configure,
+    pytest_runtest_logreport,
     pytest_runtest_protocol,
     pytest_terminal_summary,
 )
@@ -191,6 +192,16 @@ def tiny_tokenizer_model(tmp_path_factory) -> Path:
     """A model directory with a real tokenizer and chat template but random tiny weights:
     all the stub engine needs (no vLLM)."""
     return tiny_models.build_causal_lm(tmp_path_factory.mktemp("stub") / "causal")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_replica_sets():
+    """A shared -dp engine (several replica processes, each with its engine) is used by one
+    file only: stop it when that file ends, so the memory it holds is free for the next (the
+    Ray cluster's memory monitor kills its engines above 95% of the machine's RAM)."""
+    yield
+    for key in [k for k, e in _ENGINES.items() if getattr(e, "data_parallel", 1) > 1]:
+        _ENGINES.pop(key).close()
 
 
 @pytest.fixture(scope="session", autouse=True)

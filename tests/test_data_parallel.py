@@ -357,7 +357,7 @@ def test_dp2_faults_kill_nfb_kill_a_replica_restart(cli, models, tmp_path):
     2. resumed, one replica's engine SIGKILLed: exit 1 in one line, rows saved;
     3. resumed with --engine-restarts 1, one replica process SIGKILLed: it restarts, the
        run finishes, and the output equals a -dp 1 run, each row once."""
-    src = write_jsonl(tmp_path / "in.jsonl", sample_rows(200))    # 25 parts of 8 rows
+    src = write_jsonl(tmp_path / "in.jsonl", sample_rows(240))
     ref = tmp_path / "ref.parquet"
     r = cli("feedback", src, "-o", ref, "--model", models["causal"], "--max-tokens", "40",
             "--temperature", "0", "--dtype", "float32", "--batch-rows", "8",
@@ -410,6 +410,6 @@ def test_dp2_faults_kill_nfb_kill_a_replica_restart(cli, models, tmp_path):
     assert p.returncode == 0, err[-2000:]
     assert "restarting the replica" in err
     a, b = pq.read_table(out), pq.read_table(ref)
-    assert a.column("nfb_row").to_pylist() == list(range(200))
+    assert a.column("nfb_row").to_pylist() == list(range(240))
     for name in ("prompt", "nfb_error", "feedback", "feedback_level"):
         assert a.column(name).to_pylist() == b.column(name).to_pylist(), name

@@ -67,7 +67,7 @@ def wait_for(cond, proc, timeout=480):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, models):
     d = tmp_path_factory.mktemp("faults")
-    rows = sample_rows(200)     # 25 parts of 8 rows: enough for the three faults below
+    rows = sample_rows(240)     # 30 parts of 8 rows: the last fault still finds rows to do
     src = write_jsonl(d / "in.jsonl", rows)
     ref = d / "ref.parquet"
     p = start(src, ref, models["causal"])

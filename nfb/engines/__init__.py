@@ -60,12 +60,9 @@ def check_engine(name: str) -> None:
 
 
 def make_engine(cfg: EngineConfig, runner: str):
-    """Start the engine named by `cfg.backend`, as an `nfb.engines.base.Engine` (a plugged-in
-    engine that is not one gets the contract's defaults for what it lacks)."""
-    from nfb.engines.base import Engine, Plugged
-
-    engine = _FACTORIES[cfg.backend](cfg, runner)
-    return engine if isinstance(engine, Engine) else Plugged(engine)
+    """Start the engine named by `cfg.backend` (the run wraps one that is not an
+    `nfb.engines.base.Engine` in `Plugged`, with the contract's defaults)."""
+    return _FACTORIES[cfg.backend](cfg, runner)
 
 
 def _load_plugins() -> None:

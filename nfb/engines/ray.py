@@ -22,14 +22,14 @@ import pickle
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from nfb.config import EngineConfig, RunConfig, SamplingConfig
-from nfb.engines.base import Engine, Request
+from nfb.config import EngineConfig, RunConfig
+from nfb.engines.base import Engine
 from nfb.engines.vllm import engine_kwargs, sampling_kwargs
 from nfb.errors import EngineDied, UsageError
 
@@ -534,15 +534,6 @@ class RayEngine(Engine):
         finally:
             stop.set()
             _stop_execution(ds, executors)
-
-    # the Engine protocol (not used by the pipeline, which calls stream_rows)
-    def generate(self, requests: Iterable[Request], sampling: SamplingConfig,
-                 can_feed: Callable[[], bool]) -> Iterator[tuple[Any, list[str]]]:
-        raise NotImplementedError("--engine ray runs whole rows: RayEngine.stream_rows")
-
-    def classify(self, requests: Iterable[Request],
-                 can_feed: Callable[[], bool]) -> Iterator[tuple[Any, list[float]]]:
-        raise NotImplementedError("--engine ray runs whole rows: RayEngine.stream_rows")
 
     def close(self) -> None:
         import ray

@@ -346,15 +346,9 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
     engine = _start(engine_factory, wd, progress)
     result.load_seconds = time.monotonic() - t_load
     result.data_parallel = engine.data_parallel
-    ran: list[Engine] = []   # Ray: each engine's loads, replicas, rates (summary, provenance)
-
-    def counted(e: Engine) -> None:
-        if e.run_counts is not None:
-            if e not in ran:
-                ran.append(e)
-            from nfb.engines.ray import merged_counts
-            result.cluster = merged_counts(ran)
-    counted(engine)
+    # Ray: every engine of the run (a restarted one's too), whose loads, replicas and rates
+    # go into the summary and provenance when the run ends
+    ran: list[Engine] = [engine] if engine.run_counts is not None else []
     restarts = cfg.engine.engine_restarts
     pending_total = total if isinstance(total, Future) else None
     progress.start(None if pending_total else total, result.resumed_rows)
@@ -398,10 +392,11 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
                 t_load = time.monotonic()
                 engine = _start(engine_factory, wd, progress)
                 result.load_seconds += time.monotonic() - t_load
-                counted(engine)
+                if engine.run_counts is not None:
+                    ran.append(engine)
         sink.close()
     finally:
-        if ran:   # every engine of the run, a restarted one's too
+        if ran:
             from nfb.engines.ray import merged_counts
             result.cluster = merged_counts(ran)
         progress.stop()

@@ -363,9 +363,9 @@ def test_dp2_faults_kill_nfb_kill_a_replica_restart(cli, models, tmp_path):
             "--temperature", "0", "--dtype", "float32", "--batch-rows", "8",
             "--max-in-flight", "4")
     assert r.exit_code == 0, r.output
-    out = tmp_path / "out.parquet"
-
-    # 1) nfb killed alone
+    # 1) nfb killed alone (an output of its own: however far it got, the faults below,
+    #    whose kills need rows still to do, start from nothing)
+    out = tmp_path / "alone.parquet"
     p = start(src, out, models["causal"], "-dp", "2")
     wait_for(lambda: len(parts(out)) >= 1, p)
     victims = engine_procs(p.pid)
@@ -376,11 +376,11 @@ def test_dp2_faults_kill_nfb_kill_a_replica_restart(cli, models, tmp_path):
     while time.monotonic() < deadline and any(_alive(v) for v in victims):
         time.sleep(0.2)
     assert not [v.pid for v in victims if _alive(v)], "orphan replica processes"
-    n1 = len(parts(out))
 
     # 2) one replica's engine killed, no restarts: the run stops
+    out = tmp_path / "out.parquet"
     p = start(src, out, models["causal"], "-dp", "2")
-    wait_for(lambda: len(parts(out)) >= n1 + 1 and all(
+    wait_for(lambda: len(parts(out)) >= 1 and all(
         _engine_cores(r) for r in _replica_roots(p.pid)), p)
     killed = []
     for k in _engine_cores(_replica_roots(p.pid)[1]):   # its EngineCore and workers

@@ -102,8 +102,9 @@ def test_kill_nfb_alone_then_the_engine_then_restart(data, models, tmp_path):
     3. with --engine-restarts 1 the engine is SIGKILLed again: the run finishes by itself,
     and the output equals an uninterrupted run, each row once."""
     src, ref, _ = data
-    out = tmp_path / "out.parquet"
-    # 1) nfb killed alone
+    # 1) nfb killed alone (an output of its own: how far it got must not shorten the
+    #    faults below, whose kills need rows still to do however loaded the machine is)
+    out = tmp_path / "alone.parquet"
     p = start(src, out, models["causal"])
     wait_for(lambda: len(parts(out)) >= 1, p)
     victims = engine_procs(p.pid)
@@ -114,11 +115,11 @@ def test_kill_nfb_alone_then_the_engine_then_restart(data, models, tmp_path):
     while time.monotonic() < deadline and any(_alive(v) for v in victims):
         time.sleep(0.2)
     assert not [v.pid for v in victims if _alive(v)], "orphan engine processes"
-    n1 = len(parts(out))
 
     # 2) the engine killed mid-run: exit 1, one line, rows kept
+    out = tmp_path / "out.parquet"
     p = start(src, out, models["causal"])
-    wait_for(lambda: len(parts(out)) >= n1 + 2, p)
+    wait_for(lambda: len(parts(out)) >= 2, p)
     victims = engine_procs(p.pid)
     assert victims
     t0 = time.monotonic()

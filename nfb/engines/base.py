@@ -56,6 +56,11 @@ class Engine:
         by the next run."""
         return []
 
+    def merge_counts(self, engines: list[Engine]) -> dict:
+        """The run's `run_counts` over every engine it started (a restart starts another):
+        by default the last engine's; an engine with counts to add up overrides it."""
+        return dict(engines[-1].run_counts or {})
+
     def set_note(self, note: Callable[[str], None]) -> None:
         """Where to say something mid-run (e.g. that a replica restarts)."""
 
@@ -91,6 +96,11 @@ class Plugged(Engine):
     def pids(self) -> list[tuple[int, float]]:
         return self.inner.pids() if callable(getattr(self.inner, "pids", None)) else []
 
+    def merge_counts(self, engines: list[Engine]) -> dict:
+        if callable(getattr(self.inner, "merge_counts", None)):
+            return self.inner.merge_counts(engines)
+        return super().merge_counts(engines)
+
     def set_note(self, note: Callable[[str], None]) -> None:
         if callable(getattr(self.inner, "set_note", None)):
             self.inner.set_note(note)
@@ -111,3 +121,11 @@ class Sample:
 
 
 LOGPROB_TAIL = 4
+
+
+def tail_sample(text: str, positions, logprob: Callable[[Any], float]) -> Sample:
+    """A `Sample` from an engine's per-token log-probabilities (one {token id: entry} per
+    generated token, `logprob(entry)` its value): the last LOGPROB_TAIL positions kept."""
+    tail = list(positions if positions is not None else [])[-LOGPROB_TAIL:]
+    return Sample(text, tuple({int(t): float(logprob(e)) for t, e in pos.items()
+                               if e is not None} for pos in tail))

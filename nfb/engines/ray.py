@@ -165,11 +165,9 @@ def ray_sample(text: str, logprobs) -> Any:
     """Ray Data LLM's output as the in-process engine's `Sample` (nfb.engines.vllm._sample):
     the text and the top-k log-probabilities of its last tokens. The engine stage gives one
     {token id: {"logprob", "rank", "decoded_token"}} per generated token."""
-    from nfb.engines.base import LOGPROB_TAIL, Sample
+    from nfb.engines.base import tail_sample
 
-    tail = list(logprobs if logprobs is not None else [])[-LOGPROB_TAIL:]
-    return Sample(text, tuple({int(t): float(lp["logprob"]) for t, lp in pos.items()
-                               if lp is not None} for pos in tail))
+    return tail_sample(text, logprobs, lambda lp: lp["logprob"])
 
 
 def _postprocess(task, generate: bool, samples: int, logprobs: bool = False):
@@ -249,6 +247,9 @@ class RayEngine(Engine):
     """The Ray backend: `stream_rows` runs the whole row pipeline on the cluster."""
 
     streams_rows = True
+
+    def merge_counts(self, engines: list[Engine]) -> dict:
+        return merged_counts(engines)
 
     def __init__(self, cfg: EngineConfig, runner: str):
         import ray

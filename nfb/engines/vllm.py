@@ -61,11 +61,9 @@ def sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
 def _sample(completion) -> Any:
     """A vLLM completion as a `Sample`: its text and the top-k log-probabilities of its last
     tokens."""
-    from nfb.engines.base import LOGPROB_TAIL, Sample
+    from nfb.engines.base import tail_sample
 
-    tail = list(completion.logprobs or [])[-LOGPROB_TAIL:]
-    return Sample(completion.text,
-                  tuple({int(t): float(lp.logprob) for t, lp in pos.items()} for pos in tail))
+    return tail_sample(completion.text, completion.logprobs, lambda lp: lp.logprob)
 
 
 def memory_fraction(cfg: EngineConfig) -> float:

@@ -346,8 +346,8 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
     engine = _start(engine_factory, wd, progress)
     result.load_seconds = time.monotonic() - t_load
     result.data_parallel = engine.data_parallel
-    # Ray: every engine of the run (a restarted one's too), whose loads, replicas and rates
-    # go into the summary and provenance when the run ends
+    # engines with run counts (Ray): every one the run started (a restarted one's too), whose
+    # loads, replicas and rates go into the summary and provenance when the run ends
     ran: list[Engine] = [engine] if engine.run_counts is not None else []
     restarts = cfg.engine.engine_restarts
     pending_total = total if isinstance(total, Future) else None
@@ -397,8 +397,7 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
         sink.close()
     finally:
         if ran:
-            from nfb.engines.ray import merged_counts
-            result.cluster = merged_counts(ran)
+            result.cluster = ran[0].merge_counts(ran)
         progress.stop()
         if engine is not None:
             engine.close()

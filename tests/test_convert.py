@@ -325,6 +325,8 @@ def test_existing_output_needs_overwrite(tmp_path, ckpt, tok_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+# an nfb subprocess converting a checkpoint (about 7 s): not in the fast subset
+@pytest.mark.slow
 def test_subprocess_cli_shows_progress_on_stderr_only(tmp_path, ckpt, tok_dir):
     p = subprocess.run([sys.executable, "-m", "nfb", "convert", str(ckpt[0]), "-o",
                         str(tmp_path / "out"), "--tokenizer", str(tok_dir)],

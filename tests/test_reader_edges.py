@@ -145,6 +145,9 @@ app(prog_name="nfb")
 LIMIT = 3 << 30   # the stub-engine run needs about 2 GiB of address space (threads, torch)
 
 
+# an nfb subprocess under a memory limit, writing 220 MB of input (about 10 s): not in the
+# fast subset
+@pytest.mark.slow
 def test_a_200_mb_line_under_a_memory_limit(tmp_path):
     """Before: rendered and tokenized whole, 90-190 bytes per byte (18.6 GB, OOM-killed).
     Now: the 200 MB line is read past (line_too_long), a 20 MB one under the line limit is

@@ -91,6 +91,36 @@ def test_cpu_kv_cache_over_free_memory_is_named_with_what_to_lower():
     assert "gpu-memory-utilization" not in line
 
 
+@pytest.mark.parametrize("kv,cause,step,wrong", [
+    # vLLM 0.32's cpu_worker texts, the KV cache sized from --gpu-memory-utilization
+    ("(5.02/4.71 GiB)", "not enough free memory for the KV cache",
+     "lower --gpu-memory-utilization", "raise"),
+    ("(-0.31/4.71 GiB)", "the model leaves no room for a KV cache",
+     "raise --gpu-memory-utilization", "lower"),
+])
+def test_cpu_kv_cache_sized_from_the_memory_share_names_the_way_out(kv, cause, step, wrong):
+    from nfb.engines.diagnose import load_failure
+
+    log = ("(Worker pid=8590) ERROR ValueError: Available memory on node 0 (3.90/23.54 GiB) on "
+           f"kv cache allocation is less than requested memory for kv {kv}. Reduce CPU memory "
+           "used by other processes.\n")
+    line = load_failure(RuntimeError("Engine core initialization failed."), log)
+    assert line.startswith(cause) and ": Available memory on node 0 (3.90" in line, line
+    assert step in line and f"{wrong} --gpu-memory-utilization" not in line
+    assert "VLLM_CPU_KVCACHE_SPACE" not in line
+
+
+def test_cpu_memory_share_over_free_memory_at_startup_names_the_way_out():
+    from nfb.engines.diagnose import load_failure
+
+    log = ("ValueError: Available memory on node 0 (3.90/23.54 GiB) on startup is less than "
+           "desired CPU memory utilization (0.2, 4.71 GiB). On the CPU backend, the "
+           "`--gpu-memory-utilization` flag controls the fraction of CPU memory reserved\n")
+    line = load_failure(RuntimeError("Engine core initialization failed."), log)
+    assert line.startswith("not enough free memory for the engine: Available memory"), line
+    assert "lower --gpu-memory-utilization" in line
+
+
 def test_cpu_kv_cache_larger_than_the_machine_fails_before_vllm_starts(monkeypatch):
     """VLLM_CPU_KVCACHE_SPACE over the machine's memory: one line at once, nothing spawned."""
     import psutil

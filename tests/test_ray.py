@@ -267,8 +267,30 @@ def test_ray_stalled_replica_stops_the_run_rows_saved(stub_cli, tiny_tokenizer_m
     r = stub_cli("feedback", *common, "-o", remote, *ray_args(cluster), "--engine-restarts", "1")
     assert r.exit_code == 0, r.output
     assert "the Ray pipeline failed" in r.output and "restarting the engine" in r.output
+    # the worker's own exception in one line, not Ray's copy of the worker's traceback
+    assert "RuntimeError: a replica failed" in " ".join(r.output.split())
+    assert "Traceback" not in r.output and "ray::" not in r.output
     same_output(local, remote)
     assert cluster_summary(remote)["engine_loads"] == 2
+
+
+@pytest.mark.slow   # the module's Ray cluster
+def test_ray_unreadable_input_is_one_line_before_any_engine(stub_cli, tiny_tokenizer_model,
+                                                            cluster, inputs, tmp_path):
+    """A file the workers cannot read (named .gz, not gzip data): the workers' read before the
+    engines load fails, and nfb says what the in-process run says, in one line (exit 1), with
+    no engine actor started."""
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(b'{"prompt": "p", "response": "r"}\n')
+    common = [*inputs, str(bad), "--model", str(tiny_tokenizer_model), "--max-tokens", "8"]
+    local = stub_cli("feedback", *common, "-o", tmp_path / "local.parquet")
+    before = {a["ActorID"] for a in _engine_actors(set())}
+    r = stub_cli("feedback", *common, "-o", tmp_path / "ray.parquet", *ray_args(cluster))
+    assert r.exit_code == local.exit_code == 1, r.output
+    line = " ".join(r.output.split())
+    assert "the name says gzip but the file is not gzip data" in line, r.output
+    assert "Traceback" not in r.output and "ray::" not in r.output
+    assert not _engine_actors(before)
 
 
 @pytest.mark.slow

@@ -79,7 +79,9 @@ class Plugged(Engine):
     data_parallel = property(lambda self: getattr(self.inner, "data_parallel", 1))
     restarts_used = property(lambda self: getattr(self.inner, "restarts_used", 0))
     run_counts = property(lambda self: getattr(self.inner, "run_counts", None))
-    streams_rows = property(lambda self: bool(getattr(self.inner, "streams_rows", False)))
+    # an engine of its own with a `stream_rows` method (and no `streams_rows`) streams rows
+    streams_rows = property(lambda self: bool(getattr(
+        self.inner, "streams_rows", callable(getattr(self.inner, "stream_rows", None)))))
 
     def __getattr__(self, name: str):       # tokenizer, max_model_len, the engine's own
         return getattr(self.inner, name)

@@ -17,7 +17,21 @@ _LOAD_CAUSES = [
      r"than requested memory for kv \([\d.]+ GiB\)",
      "not enough free memory for the KV cache", "lower VLLM_CPU_KVCACHE_SPACE (GiB of KV "
      "cache vLLM reserves on a CPU), or free memory (another process may hold it)"),
-    (r"Available memory on node \d+ \(([\d.]+)/([\d.]+) GiB\) is less than desired[^\n]*",
+    # vLLM on a CPU, the KV cache sized from --gpu-memory-utilization (a share of the RAM):
+    # the model alone takes more than that share (requested for kv <= 0) ...
+    (r"Available memory on node \d+ \([\d.]+/[\d.]+ GiB\) on kv cache allocation is less "
+     r"than requested memory for kv \((-[\d.]+|0(\.0+)?)/[\d.]+ GiB\)",
+     "the model leaves no room for a KV cache in the memory reserved for it",
+     "raise --gpu-memory-utilization (on a CPU, the share of the machine's RAM vLLM reserves "
+     "for the model and its KV cache)"),
+    # ... or that share is more than is free
+    (r"Available memory on node \d+ \([\d.]+/[\d.]+ GiB\) on kv cache allocation is less "
+     r"than requested memory for kv \([\d.]+/[\d.]+ GiB\)",
+     "not enough free memory for the KV cache", "lower --gpu-memory-utilization (on a CPU, "
+     "the share of the machine's RAM vLLM reserves), or free memory (another process may "
+     "hold it)"),
+    (r"Available memory on node \d+ \(([\d.]+)/([\d.]+) GiB\) (on startup )?is less than "
+     r"desired[^\n]*",
      "not enough free memory for the engine", "lower --gpu-memory-utilization or "
      "--max-model-len, or free memory (another process may hold it)"),
     (r"(CUDA out of memory|OutOfMemoryError|out of memory)[^\n]*",

@@ -31,7 +31,7 @@ import pyarrow as pa
 from nfb.config import EngineConfig, RunConfig
 from nfb.engines.base import Engine
 from nfb.engines.vllm import engine_kwargs, sampling_kwargs
-from nfb.errors import EngineDied, UsageError
+from nfb.errors import EngineDied, InputError, NfbError, UsageError
 
 INSTALL = "pip install 'nfb[ray]'   (ray[data])"
 ENGINE_CLASS = "vLLMEngineStageUDF"   # Ray Data LLM's engine actor (counted as engine loads)
@@ -170,6 +170,37 @@ def ray_sample(text: str, logprobs) -> Any:
     return tail_sample(text, logprobs, lambda lp: lp["logprob"])
 
 
+def _gather(refs: list, what: str) -> list:
+    """`ray.get(refs)`, its failures as nfb's one-line errors: a task's own nfb error (an
+    unreadable input: exit 1, as in-process) as it was raised on the worker, anything else
+    (a worker lost, an unexpected exception) as an InputError naming `what` (Ray's own text
+    is the worker's whole traceback)."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, NfbError):
+            raise cause from None
+        raise InputError(f"{what} failed on a Ray worker: {_why(e)}") from None
+    except ray.exceptions.RayError as e:
+        raise InputError(f"{what} failed on a Ray worker: {_why(e)}") from None
+
+
+def _why(e: BaseException) -> str:
+    """One line for a failure that came from Ray: the worker's own exception where Ray
+    wrapped one (a RayTaskError's text is the worker's whole traceback), else the first line
+    of Ray's."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+        if isinstance(e, NfbError):
+            return " ".join(str(e).split())[:300]
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {' '.join(lines[0].split())[:300] if lines else ''}"
+
+
 def _postprocess(task, generate: bool, samples: int, logprobs: bool = False):
     """The processor's postprocess: parse in the worker when a row is one request and one
     sample (else the driver gathers the row's outputs and parses them)."""
@@ -262,7 +293,7 @@ class RayEngine(Engine):
         self.data_parallel = cfg.replicas
         self.run_counts: dict = {"engine": "ray", "replicas": cfg.replicas, "engine_loads": 0,
                                  "rows_per_s_per_replica": 0.0}
-        self.rows_scored = 0   # rows this engine's pipeline finished (for merged_counts)
+        self.rows_scored = 0   # rows its last pipeline finished (for merged_counts)
         self._own_ray = not ray.is_initialized() and cfg.ray_address is None
         if not ray.is_initialized():
             import logging
@@ -323,7 +354,7 @@ class RayEngine(Engine):
             raise UsageError("--engine ray reads input files on the workers: pass files, "
                              "not '-' (stdin)")
         fn = ray.remote(num_cpus=0.25, max_retries=3)(count_file)
-        found = ray.get([fn.remote(f) for f in files])
+        found = _gather([fn.remote(f) for f in files], "reading the inputs")
         if check_columns is not None:   # every file's columns, in first-seen order
             check_columns(list(dict.fromkeys(c for f in found for c in f["columns"])))
         if set_total is not None:
@@ -456,7 +487,7 @@ class RayEngine(Engine):
             collector.result.load_seconds += loaded - t0
             seconds = end - loaded   # scoring, not loading
             rows = collector.result.new_rows - new_before
-            self.rows_scored += rows
+            self.rows_scored = rows   # this call's, as the counts beside it
             self.run_counts.update(
                 engine_loads=self.engine_loads(), scoring_seconds=round(seconds, 3),
                 load_seconds=round(loaded - t0, 3),
@@ -506,9 +537,15 @@ class RayEngine(Engine):
                             continue
                     if stop.is_set():
                         return
-                q.put(None)
+                last: Any = None
             except BaseException as e:  # noqa: BLE001 - handed to the driver's loop
-                q.put(e)
+                last = e
+            while not stop.is_set():   # the end (or the failure), unless nobody reads any more
+                try:
+                    q.put(last, timeout=0.5)
+                    return
+                except queue.Full:
+                    continue
 
         threading.Thread(target=pull, name="nfb-ray-results", daemon=True).start()
         since: float | None = None   # the watchdog's clock: from the replicas' load on
@@ -529,8 +566,7 @@ class RayEngine(Engine):
                 if item is None:
                     return
                 if isinstance(item, BaseException):
-                    raise EngineDied(f"the Ray pipeline failed: "
-                                     f"{' '.join(str(item).split())[:300]}") from None
+                    raise EngineDied(f"the Ray pipeline failed: {_why(item)}") from None
                 yield item
         finally:
             stop.set()

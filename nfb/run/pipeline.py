@@ -392,8 +392,8 @@ def _process(cfg: RunConfig, task: Task, engine_factory: Callable[[], Engine],
                 t_load = time.monotonic()
                 engine = _start(engine_factory, wd, progress)
                 result.load_seconds += time.monotonic() - t_load
-                if engine.run_counts is not None:
-                    ran.append(engine)
+                if engine.run_counts is not None and all(e is not engine for e in ran):
+                    ran.append(engine)   # (a factory may hand back the same engine)
         sink.close()
     finally:
         if ran:
@@ -411,10 +411,14 @@ def _start(engine_factory: Callable[[], Engine], wd: WorkDir | None,
     engine = engine_factory()
     if not isinstance(engine, Engine):      # a factory handed to `run` directly
         engine = Plugged(engine)
-    if progress is not None:
-        engine.set_note(progress.note)      # replicas say when one restarts
-    if wd is not None:
-        wd.record_engine(engine.pids())
+    try:
+        if progress is not None:
+            engine.set_note(progress.note)  # replicas say when one restarts
+        if wd is not None:
+            wd.record_engine(engine.pids())
+    except BaseException:                   # e.g. a full disk: the engine is not left running
+        engine.close()
+        raise
     return engine
 
 

@@ -138,3 +138,46 @@ def test_cpu_kv_cache_larger_than_the_machine_fails_before_vllm_starts(monkeypat
     with pytest.raises(ModelError, match=r"VLLM_CPU_KVCACHE_SPACE asks for [\d,]+ GiB, more "
                                          r"than this machine's [\d.]+ GiB; lower"):
         check_cpu_kv_cache()
+
+
+def test_a_plugin_that_streams_rows_itself_and_one_whose_setup_fails(engines,
+                                                                     tiny_tokenizer_model,
+                                                                     tmp_path):
+    """A plugged-in engine with its own `stream_rows` (and no `streams_rows` flag) is handed
+    the rows, as before the base class; an engine whose start succeeded but whose processes
+    cannot be recorded is closed, not left running."""
+    from stub_engine import StubEngine
+
+    import nfb
+    from nfb.errors import UsageError
+
+    calls = []
+
+    class Streams:
+        def __init__(self, cfg, runner):
+            inner = StubEngine(cfg, runner)
+            self.tokenizer, self.max_model_len = inner.tokenizer, inner.max_model_len
+
+        def stream_rows(self, *args, **kwargs):
+            calls.append(sorted(kwargs))
+            raise UsageError("this engine streams rows itself")
+
+        def close(self):
+            calls.append("closed")
+
+    engines("vllm", Streams)
+    src = write_jsonl(tmp_path / "in.jsonl", sample_rows(4))
+    with pytest.raises(UsageError, match="streams rows itself"):
+        nfb.feedback(src, tmp_path / "a.parquet", model=tiny_tokenizer_model, max_tokens=8)
+    assert calls[0] == ["budget", "check_columns", "preparer", "set_total"]
+    assert calls[-1] == "closed"
+
+    class BadPids(Streams):
+        def pids(self):
+            raise OSError(28, "No space left on device")
+
+    calls.clear()
+    engines("vllm", BadPids)
+    with pytest.raises(Exception, match="No space left"):
+        nfb.feedback(src, tmp_path / "b.parquet", model=tiny_tokenizer_model, max_tokens=8)
+    assert calls == ["closed"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pickle
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -189,16 +190,26 @@ def _gather(refs: list, what: str) -> list:
 
 
 def _why(e: BaseException) -> str:
-    """One line for a failure that came from Ray: the worker's own exception where Ray
-    wrapped one (a RayTaskError's text is the worker's whole traceback), else the first line
-    of Ray's."""
+    """One line for a failure that came from Ray: the worker's own exception (Ray's text of
+    a failed task is the worker's whole traceback, and Ray Data wraps a stage's exception in
+    its UserCodeException), else the first line of Ray's."""
     cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException):
-        e = cause
-        if isinstance(e, NfbError):
-            return " ".join(str(e).split())[:300]
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {' '.join(lines[0].split())[:300] if lines else ''}"
+    if isinstance(cause, NfbError):
+        return " ".join(str(cause).split())[:300]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    for line in text.splitlines():   # the first exception in the text is the root cause
+        m = _EXC_LINE.match(line.strip())
+        if m and not m.group(1).startswith("ray."):
+            name, msg = m.group(1), " ".join(m.group(2).split())[:300]
+            return msg if name.startswith("nfb.") else f"{name.rsplit('.', 1)[-1]}: {msg}"
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    why = cause if isinstance(cause, BaseException) else e
+    first = " ".join(str(why).split("\n", 1)[0].split()) or (lines[0] if lines else "")
+    return f"{type(why).__name__}: {first[:300]}"
+
+
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Died|Exit|Interrupt|Warning)):"
+                       r" (.+)$")
 
 
 def _postprocess(task, generate: bool, samples: int, logprobs: bool = False):

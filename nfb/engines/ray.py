@@ -180,12 +180,10 @@ def _gather(refs: list, what: str) -> list:
 
     try:
         return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
+    except ray.exceptions.RayError as e:   # a RayTaskError carries the worker's exception
         cause = getattr(e, "cause", None)
         if isinstance(cause, NfbError):
             raise cause from None
-        raise InputError(f"{what} failed on a Ray worker: {_why(e)}") from None
-    except ray.exceptions.RayError as e:
         raise InputError(f"{what} failed on a Ray worker: {_why(e)}") from None
 
 
@@ -536,27 +534,26 @@ class RayEngine(Engine):
         stop = threading.Event()
         executors = _track_executors(ds)
 
+        def put(item) -> bool:
+            """Hand `item` to the driver's loop; False once nobody reads any more."""
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def pull() -> None:
             try:
                 for b in ds.iter_batches(batch_size=None, batch_format="pyarrow",
                                          prefetch_batches=2):
-                    while not stop.is_set():
-                        try:
-                            q.put(b, timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not put(b):
                         return
-                last: Any = None
+                last: Any = None   # the end
             except BaseException as e:  # noqa: BLE001 - handed to the driver's loop
                 last = e
-            while not stop.is_set():   # the end (or the failure), unless nobody reads any more
-                try:
-                    q.put(last, timeout=0.5)
-                    return
-                except queue.Full:
-                    continue
+            put(last)
 
         threading.Thread(target=pull, name="nfb-ray-results", daemon=True).start()
         since: float | None = None   # the watchdog's clock: from the replicas' load on
